@@ -1,0 +1,545 @@
+r"""Eager spectral normalization: a faster, more complete ``torch.nn.utils.parametrizations.spectral_norm``.
+
+This file is self-contained (torch and the standard library only) so it can be copied alone into
+another project. The rest of fx_spectral builds on its math (:func:`normalize_weight`).
+
+.. math::
+    \bar W = \frac{W}{\sigma(W)}, \qquad
+    u \leftarrow \frac{W v}{\lVert W v \rVert},\quad
+    v \leftarrow \frac{W^\top u}{\lVert W^\top u \rVert},\quad
+    \sigma = u^\top W v
+
+State layout (shared with the graph transform and the backend): the raw parameter keeps its name
+and its object identity; the power-iteration vectors are float32 buffers ``{name}_u`` and
+``{name}_v`` on the module that owns the parameter. ``module.weight`` stays the raw parameter
+outside ``forward``; inside ``forward`` the module computes with ``W / sigma``.
+
+How it works: the module's class is swapped for a cached subclass whose ``forward`` feeds the
+normalized weight to the op (Linear, Conv, ConvTranspose: straight into the functional op; any
+other module: through a property that serves the normalized weight while ``forward`` runs). No
+hooks, no parametrization containers: one power-iteration update per training forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, is_lazy
+
+__all__ = [
+    "spectral_norm",
+    "remove_spectral_norm",
+    "apply_spectral_norm",
+    "is_spectral_normalized",
+    "spectral_sigma",
+    "normalize_weight",
+    "power_iteration_",
+    "weight_matrix",
+    "default_dim",
+    "SUPPORTED_MODULES",
+]
+
+N_WARMUP_ITERATIONS = 15
+
+_LINEAR = (nn.Linear,)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: Module types :func:`apply_spectral_norm` normalizes (their Lazy variants subclass these).
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = _LINEAR + _CONV + _CONV_T
+
+
+# --------------------------------------------------------------------------------------------
+# Math (shared with the graph transform)
+# --------------------------------------------------------------------------------------------
+
+
+def default_dim(module: nn.Module) -> int:
+    """The output dimension of ``module``'s weight: 1 for ConvTranspose (``(in, out/groups, *k)``), else 0."""
+    return 1 if isinstance(module, _CONV_T) else 0
+
+
+def weight_matrix(weight: Tensor, dim: int = 0) -> Tensor:
+    """View ``weight`` as a matrix: move ``dim`` to the front and flatten the rest (a view when possible)."""
+    if dim != 0:
+        weight = weight.movedim(dim, 0)
+    return weight.flatten(1)
+
+
+def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> Tensor:
+    # t / ||t||, or the old vector where ||t|| <= eps: a zero weight must not zero u/v for good
+    # (they would stay zero once the weight grows, and sigma with them).
+    norm = torch.linalg.vector_norm(t)
+    return torch.where(norm > eps, t / norm, old)
+
+
+@torch.no_grad()
+def power_iteration_(w_mat: Tensor, u: Tensor, v: Tensor, n_iter: int, eps: float) -> tuple[Tensor, Tensor]:
+    r"""Run ``n_iter`` power-iteration steps on the float32 matrix ``w_mat``.
+
+    One step is :math:`u = \mathrm{normalize}(W v)`, then :math:`v = \mathrm{normalize}(W^\top u)`
+    (torch's order). NB: ``u`` and ``v`` are updated in place; the returned tensors are fresh
+    copies of their new values, safe to save for backward while the buffers move on.
+    """
+    for _ in range(n_iter):
+        u_new = _normalize_or_keep(torch.mv(w_mat, v), u, eps)
+        v_new = _normalize_or_keep(torch.mv(w_mat.t(), u_new), v, eps)
+        u.copy_(u_new)
+        v.copy_(v_new)
+    return u_new, v_new
+
+
+def normalize_weight(
+    weight: Tensor,
+    u: Tensor,
+    v: Tensor,
+    *,
+    dim: int = 0,
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    training: bool = True,
+) -> Tensor:
+    r"""Return ``weight / sigma``, updating the float32 buffers ``u``/``v`` in place when training.
+
+    .. math:: \sigma = u^\top W v \ \text{(gradient through } W \text{ only)}
+
+    Sigma, u and v are float32 whatever the weight dtype and are computed with autocast disabled;
+    the result is cast back to ``weight.dtype``. A zero weight gives a zero result (sigma is
+    clamped to ``eps``).
+
+    Example::
+
+        >>> w = torch.randn(8, 4, requires_grad=True)
+        >>> u = F.normalize(torch.randn(8), dim=0); v = F.normalize(torch.randn(4), dim=0)
+        >>> w_bar = normalize_weight(w, u, v)  # NB: u, v updated in place
+    """
+    w32 = weight if weight.dtype == torch.float32 else weight.float()
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _normalize_weight(weight, w32, u, v, dim, n_power_iterations, eps, training)
+    return _normalize_weight(weight, w32, u, v, dim, n_power_iterations, eps, training)
+
+
+def _normalize_weight(
+    weight: Tensor, w32: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool
+) -> Tensor:
+    w_mat = weight_matrix(w32, dim)
+    if training:
+        u, v = power_iteration_(w_mat.detach(), u, v, n_iter, eps)
+    elif torch.is_grad_enabled():
+        # NB: a later training forward updates the buffers in place; keep this graph's own copies.
+        u, v = u.clone(), v.clone()
+    sigma = torch.dot(u, torch.mv(w_mat, v)).clamp_min(eps)
+    if weight.dtype == torch.float32:
+        return weight / sigma
+    return (w32 / sigma).to(weight.dtype)
+
+
+@torch.no_grad()
+def _init_uv(weight: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
+    w_mat = weight_matrix(weight.detach().float(), dim)
+    h, w = w_mat.shape
+    u = F.normalize(w_mat.new_empty(h).normal_(0, 1), dim=0, eps=eps)
+    v = F.normalize(w_mat.new_empty(w).normal_(0, 1), dim=0, eps=eps)
+    power_iteration_(w_mat, u, v, N_WARMUP_ITERATIONS, eps)
+    return u, v
+
+
+# --------------------------------------------------------------------------------------------
+# Per-parameter configuration and the spectral subclasses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SNParam:
+    dim: int
+    n_power_iterations: int
+    eps: float
+
+
+def _sn_weight(module: nn.Module, name: str) -> Tensor:
+    cfg: _SNParam = module._sn_params[name]
+    return normalize_weight(
+        module._parameters[name],
+        module._buffers[name + "_u"],
+        module._buffers[name + "_v"],
+        dim=cfg.dim,
+        n_power_iterations=cfg.n_power_iterations,
+        eps=cfg.eps,
+        training=module.training,
+    )
+
+
+def _linear_forward(self, input: Tensor) -> Tensor:
+    return F.linear(input, _sn_weight(self, "weight"), self.bias)
+
+
+def _conv_forward(self, input: Tensor) -> Tensor:
+    return self._conv_forward(input, _sn_weight(self, "weight"), self.bias)
+
+
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _conv_transpose_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+    if self.padding_mode != "zeros":
+        raise ValueError(f"Only `zeros` padding mode is supported for {type(self).__name__}")
+    n = len(self.kernel_size)
+    output_padding = self._output_padding(
+        input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
+    )
+    return _CONV_T_FN[n](
+        input, _sn_weight(self, "weight"), self.bias, self.stride, self.padding,
+        output_padding, self.groups, self.dilation,
+    )
+
+
+def _generic_forward(self, *args, **kwargs):
+    # NB: the normalized weights are served by the class properties while forward runs.
+    self.__dict__["_sn_active"] = {name: _sn_weight(self, name) for name in self._sn_params}
+    try:
+        return self._sn_base_forward(*args, **kwargs)
+    finally:
+        del self.__dict__["_sn_active"]
+
+
+def _param_property(name: str) -> property:
+    def fget(self):
+        active = self.__dict__.get("_sn_active")
+        return active[name] if active is not None else self._parameters[name]
+
+    return property(fget, doc=f"raw parameter {name!r}; W / sigma while forward runs")
+
+
+def _fast_forward(base: type[nn.Module]) -> Callable | None:
+    """The fused forward for an unmodified Linear / Conv / ConvTranspose class, else None."""
+    for family, fwd in ((_LINEAR, _linear_forward), (_CONV, _conv_forward), (_CONV_T, _conv_transpose_forward)):
+        for cls in family:
+            if issubclass(base, cls) and base.forward is cls.forward:
+                return fwd
+    return None
+
+
+def _rebuild(base: type[nn.Module], names: tuple[str, ...], state: dict) -> nn.Module:
+    obj = _spectral_class(base, names).__new__(_spectral_class(base, names))
+    obj.__setstate__(state)
+    return obj
+
+
+def _reduce_ex(self, protocol):
+    # Pickle / deepcopy by the importable base class, not the generated subclass.
+    return _rebuild, (self._sn_base, self._sn_class_names, self.__getstate__())
+
+
+def _initialize_parameters(self, *args, **kwargs):
+    # Lazy modules: materialize u/v right after the weight, before LazyModuleMixin checks that
+    # nothing is left uninitialized (and before the first normalized forward).
+    # u/v leave _buffers while the base initializes: the Lazy modules skip reset_parameters()
+    # while anything (our u/v included) is still uninitialized.
+    with _uv_set_aside(self) as uv:
+        self._sn_base.initialize_parameters(self, *args, **kwargs)
+    for name, cfg in self._sn_params.items():
+        if is_lazy(uv[name + "_u"]):
+            u, v = _init_uv(self._parameters[name], cfg.dim, cfg.eps)
+            for buf, val in ((uv[name + "_u"], u), (uv[name + "_v"], v)):
+                buf.materialize(val.shape, device=val.device, dtype=torch.float32)
+                buf.copy_(val)
+
+
+@contextlib.contextmanager
+def _uv_set_aside(module: nn.Module):
+    """Take the u/v buffers out of ``module._buffers`` for the duration; yields them by key."""
+    # NB: mutates module._buffers; restores it (in its original order) even on error.
+    keys = list(module._buffers)
+    uv = {k: module._buffers.pop(k) for n in module._sn_params for k in (n + "_u", n + "_v")}
+    try:
+        yield uv
+    finally:
+        rest = module._buffers
+        module._buffers = {k: uv[k] if k in uv else rest[k] for k in keys}
+
+
+def _apply(self, fn, recurse=True):
+    # u/v stay float32 under .to(dtype) / .half(): move them by device only, never through fn's
+    # dtype (a round trip through fp16 would lose their precision).
+    with _uv_set_aside(self) as uv:
+        self._sn_base._apply(self, fn, recurse)
+        for k, b in uv.items():
+            device = fn(b).device
+            uv[k] = UninitializedBuffer(device=device, dtype=torch.float32) if is_lazy(b) else b.to(device)
+    return self
+
+
+@functools.cache
+def _spectral_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
+    """The cached subclass of ``base`` that normalizes ``names`` in forward."""
+    ns: dict = {
+        "_sn_base": base, "_sn_class_names": names, "__reduce_ex__": _reduce_ex, "_apply": _apply,
+        "__module__": base.__module__,
+    }
+    fast = _fast_forward(base) if names == ("weight",) else None
+    if fast is not None:
+        ns["forward"] = fast
+    else:
+        ns["forward"] = _generic_forward
+        ns["_sn_base_forward"] = base.forward
+        ns.update({name: _param_property(name) for name in names})
+    if issubclass(base, LazyModuleMixin):
+        ns["initialize_parameters"] = _initialize_parameters
+        if base.cls_to_become is not None:
+            ns["cls_to_become"] = _spectral_class(base.cls_to_become, names)
+    return type(f"Spectral{base.__name__}", (base,), ns)
+
+
+def _base_class(module: nn.Module) -> type[nn.Module]:
+    return getattr(type(module), "_sn_base", type(module))
+
+
+def _swap_class(module: nn.Module) -> None:
+    names = tuple(module.__dict__.get("_sn_params", {}))
+    module.__class__ = _spectral_class(_base_class(module), names) if names else _base_class(module)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _names(name: str | Iterable[str], where: str) -> tuple[str, ...]:
+    names = (name,) if isinstance(name, str) else tuple(name) if isinstance(name, (tuple, list)) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{where}: expected `name` to be a parameter name or a tuple of names, got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: `name` lists a parameter twice: {names!r}")
+    return names
+
+
+def _check_options(n_power_iterations: int, eps: float, where: str) -> None:
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int):
+        raise TypeError(f"{where}: expected n_power_iterations to be an int >= 1, got {n_power_iterations!r}")
+    if n_power_iterations < 1:
+        raise ValueError(f"{where}: expected n_power_iterations >= 1, got {n_power_iterations}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{where}: expected eps to be a positive float, got {eps!r}")
+    if not eps > 0:
+        raise ValueError(f"{where}: expected eps > 0, got {eps}")
+
+
+def _param_config(module: nn.Module, name: str, dim: int | None, n_iter: int, eps: float, where: str) -> _SNParam:
+    """Validate one parameter of ``module`` and return its configuration (no mutation)."""
+    kind = type(module).__name__
+    param = module._parameters.get(name) if name in module._parameters else None
+    if param is None:
+        found = [n for n, p in module.named_parameters(recurse=False)]
+        raise ValueError(
+            f"{where}: {kind} has no parameter {name!r}; expected one of {found} "
+            "(spectral_norm normalizes a module's own parameters, not its children's)"
+        )
+    if is_spectral_normalized(module, name):
+        raise ValueError(f"{where}: parameter {name!r} of {kind} is already spectral-normalized; remove it first")
+    if is_lazy(param):
+        if not (isinstance(module, SUPPORTED_MODULES) and isinstance(module, LazyModuleMixin) and name == "weight"):
+            raise ValueError(
+                f"{where}: parameter {name!r} of {kind} is uninitialized and its shape cannot be checked; "
+                "run one forward first (only the weight of the Lazy Linear/Conv/ConvTranspose modules can be deferred)"
+            )
+        ndim = len(module.kernel_size) + 2 if hasattr(module, "kernel_size") else 2
+    else:
+        if not param.dtype.is_floating_point:
+            raise TypeError(
+                f"{where}: parameter {name!r} of {kind} must be a real floating-point tensor, got dtype {param.dtype}"
+            )
+        ndim = param.dim()
+        if ndim < 2:
+            raise ValueError(
+                f"{where}: parameter {name!r} of {kind} must have at least 2 dimensions to have a spectral norm, "
+                f"got shape {tuple(param.shape)}"
+            )
+    if dim is None:
+        dim = default_dim(module)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{where}: expected dim to be an int or None, got {dim!r}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{where}: dim {dim} is out of range for parameter {name!r} of {kind} with {ndim} dimensions")
+    return _SNParam(dim % ndim, n_iter, eps)
+
+
+def _attach(module: nn.Module, configs: dict[str, _SNParam]) -> None:
+    """Create u/v and swap the class. Everything that can fail has been checked already."""
+    # NB: mutates module in place: buffers {name}_u/{name}_v, _sn_params, __class__.
+    params = dict(module.__dict__.get("_sn_params", {}))
+    for name, cfg in configs.items():
+        weight = module._parameters[name]
+        if is_lazy(weight):
+            u, v = UninitializedBuffer(dtype=torch.float32), UninitializedBuffer(dtype=torch.float32)
+        else:
+            u, v = _init_uv(weight, cfg.dim, cfg.eps)
+        module.register_buffer(name + "_u", u)
+        module.register_buffer(name + "_v", v)
+        params[name] = cfg
+    module.__dict__["_sn_params"] = params
+    _swap_class(module)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def spectral_norm(
+    module: nn.Module,
+    name: str | tuple[str, ...] = "weight",
+    *,
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    dim: int | None = None,
+) -> nn.Module:
+    r"""Spectral-normalize parameter(s) ``name`` of ``module`` in place and return the module.
+
+    .. math:: \bar W = W / \sigma(W), \quad \sigma(W) \approx \lVert W_{mat} \rVert_2
+
+    ``W_mat`` is the weight with ``dim`` moved first and the rest flattened. Sigma is estimated by
+    power iteration on float32 buffers ``{name}_u`` / ``{name}_v`` (15 warm-up steps at creation,
+    then ``n_power_iterations`` per training forward, none in eval). With the same u/v, outputs,
+    gradients and u/v equal those of ``torch.nn.utils.parametrizations.spectral_norm``.
+
+    Args:
+        module: any module; Linear, Conv1-3d, ConvTranspose1-3d and their Lazy variants get a fused
+            forward (Lazy ones get u/v at their first forward).
+        name: a parameter name or a tuple of names (each gets its own u/v). Default ``"weight"``.
+        n_power_iterations: power-iteration steps per training forward. Default 1.
+        eps: guard for the vector norms and for sigma. Default 1e-12.
+        dim: the output dimension. Default 0, or 1 for ConvTranspose.
+
+    Returns:
+        ``module``, whose raw parameters keep their names and identity.
+
+    Example::
+
+        >>> m = spectral_norm(nn.Linear(20, 40))
+        >>> sorted(m.state_dict())
+        ['bias', 'weight', 'weight_u', 'weight_v']
+    """
+    return _spectral_norm(module, name, n_power_iterations, eps, dim, where=type(module).__name__)
+
+
+def _spectral_norm(module, name, n_power_iterations, eps, dim, where):
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"spectral_norm: expected an nn.Module, got {type(module).__name__}")
+    names = _names(name, where)
+    _check_options(n_power_iterations, eps, where)
+    configs = {n: _param_config(module, n, dim, n_power_iterations, eps, f"{where}.{n}") for n in names}
+    _attach(module, configs)
+    return module
+
+
+def remove_spectral_norm(module: nn.Module, name: str | tuple[str, ...] = "weight", *, bake: bool = True) -> nn.Module:
+    """Remove spectral normalization of ``name`` from ``module`` and return the module.
+
+    Args:
+        module: a module normalized by :func:`spectral_norm`.
+        name: a parameter name or a tuple of names. Default ``"weight"``.
+        bake: if True (default), write ``W / sigma`` (current u/v, no update) into the raw parameter,
+            in place, so the module computes what it computed before (torch's
+            ``leave_parametrized=True``). If False, the raw weight is left as is.
+    """
+    where = type(module).__name__
+    names = _names(name, where)
+    for n in names:
+        if not is_spectral_normalized(module, n):
+            raise ValueError(f"{where}.{n}: parameter {n!r} of {where} is not spectral-normalized")
+    params = dict(module._sn_params)
+    for n in names:
+        if bake and not is_lazy(module._parameters[n]):
+            with torch.no_grad():
+                # NB: in place, so the Parameter object (and the optimizer holding it) survives.
+                module._parameters[n].copy_(_normalized_now(module, n))
+        del module._buffers[n + "_u"], module._buffers[n + "_v"]
+        del params[n]
+    if params:
+        module.__dict__["_sn_params"] = params
+    else:
+        del module.__dict__["_sn_params"]
+    _swap_class(module)
+    return module
+
+
+def _normalized_now(module: nn.Module, name: str = "weight") -> Tensor:
+    """``W / sigma`` with the current u/v, no update, no grad."""
+    with torch.no_grad():
+        cfg = module._sn_params[name]
+        return normalize_weight(
+            module._parameters[name], module._buffers[name + "_u"], module._buffers[name + "_v"],
+            dim=cfg.dim, eps=cfg.eps, training=False,
+        )
+
+
+def apply_spectral_norm(
+    model: nn.Module,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    name: str | tuple[str, ...] = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+) -> list[str]:
+    """Spectral-normalize every supported submodule of ``model`` (recursively, ``model`` included).
+
+    Supported: Linear, Conv1-3d, ConvTranspose1-3d, their subclasses and Lazy variants (a model
+    that has never run is fine). Parameters already normalized are skipped. Everything is
+    validated before anything changes: on error the model is left as it was.
+
+    Args:
+        model: the root module.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` picks which supported modules to normalize.
+        name, n_power_iterations, eps: as in :func:`spectral_norm`.
+
+    Returns:
+        the FQNs of the parameters normalized now, e.g. ``["0.weight", "2.weight"]``.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(2))
+        >>> apply_spectral_norm(model)
+        ['0.weight', '2.weight']
+    """
+    names = _names(name, "apply_spectral_norm")
+    _check_options(n_power_iterations, eps, "apply_spectral_norm")
+    plan: list[tuple[nn.Module, dict[str, _SNParam]]] = []
+    done: list[str] = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, SUPPORTED_MODULES) or (filter_fn is not None and not filter_fn(module, fqn)):
+            continue
+        todo = [n for n in names if not is_spectral_normalized(module, n)]
+        where = fqn or type(module).__name__
+        configs = {n: _param_config(module, n, None, n_power_iterations, eps, f"{where}.{n}") for n in todo}
+        if configs:
+            plan.append((module, configs))
+            done += [f"{fqn}.{n}" if fqn else n for n in configs]
+    for module, configs in plan:
+        _attach(module, configs)
+    return done
+
+
+def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
+    """True if parameter ``name`` of ``module`` is spectral-normalized by fx_spectral."""
+    return name in module.__dict__.get("_sn_params", ())
+
+
+def spectral_sigma(module: nn.Module, name: str = "weight") -> Tensor:
+    """The current float32 estimate of sigma for ``name`` (no power-iteration update, no grad)."""
+    where = f"{type(module).__name__}.{name}"
+    if not is_spectral_normalized(module, name):
+        raise ValueError(f"{where}: parameter {name!r} is not spectral-normalized")
+    u, v = module._buffers[name + "_u"], module._buffers[name + "_v"]
+    if is_lazy(u):
+        raise ValueError(f"{where}: the Lazy module has not run yet, so {name!r} has no sigma")
+    with torch.no_grad():
+        w_mat = weight_matrix(module._parameters[name].float(), module._sn_params[name].dim)
+        return torch.dot(u, torch.mv(w_mat, v))
