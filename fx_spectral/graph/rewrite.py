@@ -1,0 +1,376 @@
+r"""The rewrite primitive: insert the nodes that turn a weight node into ``W / sigma``.
+
+Shared by :func:`fx_spectral.transform` (weights as ``get_attr``) and the torch.compile backend
+(weights as placeholders). The emitted nodes are plain torch ops that follow
+:func:`fx_spectral.nn.normalize_weight` step by step, so the numbers equal the eager API and
+torch's ``spectral_norm`` given the same u/v:
+
+.. math::
+    W_{mat} = \mathrm{flatten}_1(\mathrm{movedim}(W_{32}, dim, 0)), \quad
+    u' = \frac{W_{mat} v}{\lVert W_{mat} v \rVert}, \quad
+    v' = \frac{W_{mat}^\top u'}{\lVert W_{mat}^\top u' \rVert}, \quad
+    \sigma = \max(u'^\top W_{mat} v', \epsilon), \quad \bar W = W / \sigma
+
+(each normalization keeps the old vector where the norm is ``<= eps``: a zero weight gives a zero
+``\bar W``, never NaN). The power iteration runs on ``W_mat.detach()`` (the graph form of
+``torch.no_grad``), so the gradient flows through ``W`` in ``sigma`` only.
+
+Why the op is fed ``W / sigma`` rather than its output divided by sigma: ``op(x, W/σ) + b`` equals
+``op(x, W, None)/σ + b`` only up to rounding (the product is rounded before the division), the bias
+has to be split off, and the output (batch × out, or an image) is larger than the weight in every
+training setting that matters, so dividing the weight is both exact (bitwise the eager API) and
+cheaper. The pass never divides outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS, is_aten_op, weight_arg, weight_dim, weight_op
+
+__all__ = ["insert_normalization", "find_weight_uses", "rewrite_weight", "lower_module_call", "lowering_blocker"]
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------------------------
+# What is known about a weight node
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_attr(graph: Graph, target: str) -> object:
+    root = graph.owning_module
+    if root is None:
+        return None
+    try:
+        return functools.reduce(getattr, target.split("."), root)
+    except AttributeError:
+        return None
+
+
+def _weight_info(node: Node) -> tuple[torch.dtype | None, int | None]:
+    """(dtype, ndim) of a weight node from its meta (dynamo, export) or its get_attr target; None if unknown."""
+    for key in ("val", "example_value"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor):
+            return val.dtype, val.dim()
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "dtype"):
+        return tm.dtype, len(tm.shape)
+    if node.op == "get_attr":
+        val = _resolve_attr(node.graph, node.target)
+        if isinstance(val, torch.Tensor):
+            if isinstance(val, nn.parameter.UninitializedTensorMixin):
+                return val.dtype, None
+            return val.dtype, val.dim()
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Node emission, torch-level or ATen
+# --------------------------------------------------------------------------------------------
+
+
+class _Emitter:
+    """Creates named nodes at the current insert point, as torch-level ops or as ATen overloads."""
+
+    def __init__(self, graph: Graph, prefix: str, use_aten: bool):
+        self.graph, self.prefix, self.aten = graph, prefix, use_aten
+
+    def _fn(self, target, args, suffix, kwargs=None) -> Node:
+        return self.graph.create_node("call_function", target, args, kwargs or {}, name=f"{self.prefix}_{suffix}")
+
+    def _method(self, method, aten_op, args, suffix) -> Node:
+        if self.aten:
+            return self._fn(aten_op, args, suffix)
+        return self.graph.create_node("call_method", method, args, {}, name=f"{self.prefix}_{suffix}")
+
+    def to_float(self, w, suffix):
+        if self.aten:
+            return self._fn(aten.to.dtype, (w, torch.float32), suffix)
+        return self._method("float", None, (w,), suffix)
+
+    def to_dtype(self, x, dtype, suffix):
+        return self._method("to", aten.to.dtype, (x, dtype), suffix)
+
+    def type_as(self, x, other, suffix):
+        return self._method("type_as", aten.type_as.default, (x, other), suffix)
+
+    def movedim(self, w, dim, suffix):
+        return self._method("movedim", aten.movedim.int, (w, dim, 0), suffix)
+
+    def flatten(self, w, suffix):
+        return self._method("flatten", aten.flatten.using_ints, (w, 1), suffix)
+
+    def detach(self, w, suffix):
+        return self._method("detach", aten.detach.default, (w,), suffix)
+
+    def t(self, w, suffix):
+        return self._method("t", aten.t.default, (w,), suffix)
+
+    def clone(self, w, suffix):
+        return self._method("clone", aten.clone.default, (w,), suffix)
+
+    def clamp_min(self, x, eps, suffix):
+        return self._method("clamp_min", aten.clamp_min.default, (x, eps), suffix)
+
+    def mv(self, m, x, suffix):
+        return self._fn(aten.mv.default if self.aten else torch.mv, (m, x), suffix)
+
+    def dot(self, a, b, suffix):
+        return self._fn(aten.dot.default if self.aten else torch.dot, (a, b), suffix)
+
+    def norm(self, x, suffix):
+        return self._fn(aten.linalg_vector_norm.default if self.aten else torch.linalg.vector_norm, (x,), suffix)
+
+    def gt(self, x, c, suffix):
+        return self._fn(aten.gt.Scalar if self.aten else operator.gt, (x, c), suffix)
+
+    def div(self, a, b, suffix):
+        return self._fn(aten.div.Tensor if self.aten else operator.truediv, (a, b), suffix)
+
+    def where(self, c, a, b, suffix):
+        return self._fn(aten.where.self if self.aten else torch.where, (c, a, b), suffix)
+
+    def copy_(self, dst, src, suffix):
+        # NB: an ATen overload at both levels: aten.copy_ is impure for eliminate_dead_code, while a
+        # call_method "copy_" would be removed as dead code (its result is unused).
+        return self._fn(aten.copy_.default, (dst, src), suffix)
+
+    def normalize_or_keep(self, t: Node, old: Node, eps: float, name: str) -> Node:
+        # nn._normalize_or_keep: torch.where(||t|| > eps, t / ||t||, old): a zero weight keeps u/v.
+        norm = self.norm(t, f"{name}_norm")
+        ok = self.gt(norm, eps, f"{name}_nonzero")
+        unit = self.div(t, norm, f"{name}_unit")
+        return self.where(ok, unit, old, name)
+
+
+def _insert_point(graph: Graph, nodes: list[Node]) -> Node:
+    """The node to insert before: right after the last of ``nodes`` (after all placeholders if one is)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max(nodes, key=order.__getitem__)
+    if last.op == "placeholder":
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    return last.next
+
+
+def insert_normalization(
+    graph: Graph,
+    weight: Node,
+    u: Node,
+    v: Node,
+    *,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    training: bool,
+    use_aten: bool | None = None,
+) -> Node:
+    r"""Insert the nodes computing ``weight / sigma`` and return the node of the normalized weight.
+
+    The nodes go right after the last of ``weight``/``u``/``v`` (after the last placeholder if one
+    of them is a placeholder), so any op that uses ``weight`` can take the returned node instead.
+    Nothing else in the graph changes: redirect the ops yourself (``op.replace_input_with(weight,
+    new)``) or use :func:`rewrite_weight`.
+
+    Training (``training=True``): ``n_power_iterations`` steps of power iteration in float32 on
+    ``W_mat.detach()``, then ``aten.copy_`` of the new u/v into ``u``/``v`` (NB: the buffers are
+    updated in place each time the graph runs), then ``sigma = max(dot(u', W_mat v'), eps)`` with
+    gradient through ``W`` only. Eval (``training=False``): no update; sigma from clones of u/v (so
+    a backward through an eval graph survives a later training step). The weight is cast to float32
+    first and the result back to its dtype when it is not float32 (the casts are visible nodes); when
+    the dtype is unknown (no meta, no resolvable ``get_attr``) ``.float()``/``.type_as(weight)`` are
+    emitted, which are no-ops for float32 weights.
+
+    Args:
+        graph: the graph to edit (NB: mutated in place; call ``recompile()`` on its module after).
+        weight: the node of the raw weight (``get_attr``, placeholder, or any tensor node).
+        u, v: nodes of the float32 power-iteration vectors, of length ``W_mat.shape[0]`` and
+            ``W_mat.shape[1]``; in training they must be mutable buffers / inputs.
+        dim: the output dimension of the weight (0 for linear / conv, 1 for conv_transpose).
+        n_power_iterations: power-iteration steps per run in training (>= 1).
+        eps: guard for the vector norms and for sigma.
+        training: emit the u/v update (True) or not (False).
+        use_aten: emit ATen overloads (``aten.mv.default`` ...) instead of torch-level ops. Default:
+            ATen if any user of ``weight`` is an ATen op (an exported graph), else torch-level.
+
+    Returns:
+        the node of ``W / sigma`` in the weight's dtype.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(lambda x, w, u, v: F.linear(x, w))  # doctest: +SKIP
+        >>> for w, uses in find_weight_uses(gm.graph).items():  # doctest: +SKIP
+        ...     new = insert_normalization(gm.graph, w, u_node, v_node, dim=0, n_power_iterations=1,
+        ...                                eps=1e-12, training=True)
+    """
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+        raise ValueError(
+            f"insert_normalization: expected n_power_iterations to be an int >= 1, got {n_power_iterations!r}"
+        )
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"insert_normalization: expected dim to be an int, got {dim!r}")
+    if use_aten is None:
+        use_aten = any(is_aten_op(user.target) for user in weight.users if user.op == "call_function")
+    dtype, ndim = _weight_info(weight)
+    if dim < 0 and ndim is not None:
+        dim %= ndim
+    e = _Emitter(graph, weight.name, use_aten)
+    with graph.inserting_before(_insert_point(graph, [weight, u, v])):
+        # W in float32, viewed as a matrix
+        w32 = weight if dtype == torch.float32 else e.to_float(weight, "f32")
+        mat = w32
+        if dim != 0:
+            mat = e.movedim(mat, dim, "moved")
+        if ndim != 2:
+            mat = e.flatten(mat, "mat")
+        if training:
+            # power iteration without gradient (nn.power_iteration_), torch's order: u first, then v
+            mat_ng = e.detach(mat, "nograd")
+            mat_t = e.t(mat_ng, "nograd_t")
+            u_cur, v_cur = u, v
+            for _ in range(n_power_iterations):
+                u_cur = e.normalize_or_keep(e.mv(mat_ng, v_cur, "Wv"), u_cur, eps, "u_new")
+                v_cur = e.normalize_or_keep(e.mv(mat_t, u_cur, "Wtu"), v_cur, eps, "v_new")
+            # NB: in-place update of the u/v buffers; sigma below uses the fresh tensors, not the buffers
+            e.copy_(u, u_cur, "u_update")
+            e.copy_(v, v_cur, "v_update")
+        else:
+            u_cur, v_cur = e.clone(u, "u_const"), e.clone(v, "v_const")
+        # sigma = u^T W v, gradient through W only; clamped so a zero weight gives zeros
+        wv = e.mv(mat, v_cur, "W_v")
+        sigma = e.clamp_min(e.dot(u_cur, wv, "uWv"), eps, "sigma")
+        if dtype == torch.float32:
+            out = e.div(weight, sigma, "normalized")
+        elif dtype is not None:
+            out = e.to_dtype(e.div(w32, sigma, "normalized_f32"), dtype, "normalized")
+        else:
+            out = e.type_as(e.div(w32, sigma, "normalized_f32"), weight, "normalized")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Finding weights and redirecting their ops
+# --------------------------------------------------------------------------------------------
+
+
+def find_weight_uses(graph: Graph) -> dict[Node, list[tuple[Node, int]]]:
+    """Map every weight node to the weight-consuming ops that use it, each with the weight's ``dim``.
+
+    Looks at ``call_function`` nodes in :data:`fx_spectral.graph.ops.WEIGHT_OPS` (torch-level and
+    ATen linear / conv / conv_transpose / convolution); ``call_module`` leaves are not included
+    (lower them first with :func:`lower_module_call`). The weight node can be of any kind
+    (``get_attr``, placeholder, computed): filter as you need. A weight used by several ops appears
+    once, with all of its uses, in graph order.
+    """
+    uses: dict[Node, list[tuple[Node, int]]] = {}
+    for node in graph.nodes:
+        if weight_op(node) is None:
+            continue
+        w = weight_arg(node)
+        if isinstance(w, Node):
+            uses.setdefault(w, []).append((node, weight_dim(node)))
+    return uses
+
+
+def rewrite_weight(
+    graph: Graph,
+    weight: Node,
+    ops: list[Node],
+    u: Node,
+    v: Node,
+    *,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    training: bool,
+) -> Node:
+    """:func:`insert_normalization`, then feed the returned node to each op in ``ops`` (as its weight).
+
+    Other users of ``weight`` (a ``.shape`` read, a non-weight use) keep the raw weight.
+    """
+    for op in ops:
+        if WEIGHT_OPS.get(op.target) is None or weight_arg(op) is not weight:
+            raise ValueError(f"rewrite_weight: {op.format_node()} does not take {weight.name} as its weight")
+    new = insert_normalization(
+        graph, weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps, training=training
+    )
+    for op in ops:
+        op.replace_input_with(weight, new)
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# call_module leaves -> functional calls with get_attr weights
+# --------------------------------------------------------------------------------------------
+
+_CONV_FN = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+_CONV_T_FN = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
+
+
+def _stock_family(module: nn.Module) -> type[nn.Module] | None:
+    """The torch class among MODULE_TYPES whose unmodified forward ``module`` uses, else None."""
+    for cls in MODULE_TYPES:
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return cls
+    return None
+
+
+def lowering_blocker(module: nn.Module, node: Node) -> str | None:
+    """Why the ``call_module`` ``node`` of ``module`` cannot become a functional call (None if it can)."""
+    if _stock_family(module) is None:
+        return f"{type(module).__name__} overrides forward"
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
+        return "it is a Lazy module that has not run yet"
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "it is parametrized (torch.nn.utils.parametrize)"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.padding_mode != "zeros":
+        return f"{type(module).__name__} only supports padding_mode='zeros'"
+    n_inputs = len(node.args) + len(node.kwargs)
+    if n_inputs != 1:
+        return "it is called with more than its input (e.g. ConvTranspose's output_size)"
+    return None
+
+
+def lower_module_call(gm: GraphModule, node: Node) -> Node:
+    """Replace the ``call_module`` ``node`` of a Linear / Conv / ConvTranspose by the functional op it runs.
+
+    The op takes ``get_attr`` nodes of the module's weight and bias and keeps the node's name, e.g.
+    ``fc = torch._C._nn.linear(x, fc_weight, fc_bias)``. NB: ``gm.graph`` is edited in place.
+    Check :func:`lowering_blocker` first.
+    """
+    module = gm.get_submodule(node.target)
+    reason = lowering_blocker(module, node)
+    if reason is not None:
+        raise ValueError(f"lower_module_call: cannot lower {node.target!r} ({type(module).__name__}): {reason}")
+    graph = gm.graph
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    family = _stock_family(module)
+    with graph.inserting_before(node):
+        w = graph.get_attr(f"{node.target}.weight")
+        b = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        if family is nn.Linear:
+            target, args = F.linear, (x, w, b)
+        elif issubclass(family, nn.modules.conv._ConvTransposeNd):
+            n = len(module.kernel_size)
+            target = _CONV_T_FN[n]
+            args = (x, w, b, module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+        else:
+            n = len(module.kernel_size)
+            padding = module.padding
+            if module.padding_mode != "zeros":
+                x = graph.call_function(
+                    F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode}
+                )
+                padding = (0,) * n
+            target, args = _CONV_FN[n], (x, w, b, module.stride, padding, module.dilation, module.groups)
+    # NB: the node itself becomes the call_function (keeps its name, users and meta).
+    node.op, node.target = "call_function", target
+    node.args, node.kwargs = args, {}
+    return node
