@@ -117,6 +117,12 @@ class _Emitter:
     def clone(self, w, suffix):
         return self._method("clone", aten.clone.default, (w,), suffix)
 
+    def eq(self, x, c, suffix):
+        return self._fn(aten.eq.Scalar if self.aten else operator.eq, (x, c), suffix)
+
+    def masked_fill(self, x, mask, value, suffix):
+        return self._method("masked_fill", aten.masked_fill.Scalar, (x, mask, value), suffix)
+
     def clamp_min(self, x, eps, suffix):
         return self._method("clamp_min", aten.clamp_min.default, (x, eps), suffix)
 
@@ -183,10 +189,12 @@ def insert_normalization(
     ``W_mat.detach()``, then ``aten.copy_`` of the new u/v into ``u``/``v`` (NB: the buffers are
     updated in place each time the graph runs), then ``sigma = max(dot(u', W_mat v'), eps)`` with
     gradient through ``W`` only. Eval (``training=False``): no update; sigma from clones of u/v (so
-    a backward through an eval graph survives a later training step). The weight is cast to float32
-    first and the result back to its dtype when it is not float32 (the casts are visible nodes); when
-    the dtype is unknown (no meta, no resolvable ``get_attr``) ``.float()``/``.type_as(weight)`` are
-    emitted, which are no-ops for float32 weights.
+    a backward through an eval graph survives a later training step), ``eps`` only where sigma is
+    exactly 0 (stale u/v may give a negative sigma; its sign is kept, as in the eager API).
+    The weight is cast to float32 first and the result back to its dtype when it is fp16/bf16
+    (the casts are visible nodes); float64 weights compute in float64 (u/v cast up). When the dtype
+    is unknown (no meta, no resolvable ``get_attr``) ``.float()``/``.type_as(weight)`` are emitted,
+    which are no-ops for float32 weights.
 
     Args:
         graph: the graph to edit (NB: mutated in place; call ``recompile()`` on its module after).
@@ -221,32 +229,41 @@ def insert_normalization(
     dtype, ndim = _weight_info(weight)
     if dim < 0 and ndim is not None:
         dim %= ndim
+    # nn._compute_dtype: float32 for fp16/bf16/fp32 weights, float64 for float64 weights
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
     e = _Emitter(graph, weight.name, use_aten)
     with graph.inserting_before(_insert_point(graph, [weight, u, v])):
-        # W in float32, viewed as a matrix
-        w32 = weight if dtype == torch.float32 else e.to_float(weight, "f32")
+        # W in the compute dtype, viewed as a matrix
+        w32 = weight if dtype == compute else e.to_float(weight, "f32")
         mat = w32
         if dim != 0:
             mat = e.movedim(mat, dim, "moved")
         if ndim != 2:
             mat = e.flatten(mat, "mat")
+        if compute == torch.float64:
+            u_cur, v_cur = e.to_dtype(u, compute, "u_f64"), e.to_dtype(v, compute, "v_f64")
+        else:
+            u_cur, v_cur = u, v
         if training:
-            # power iteration without gradient (nn.power_iteration_), torch's order: u first, then v
+            # power iteration without gradient (nn._power_iteration), torch's order: u first, then v
             mat_ng = e.detach(mat, "nograd")
             mat_t = e.t(mat_ng, "nograd_t")
-            u_cur, v_cur = u, v
             for _ in range(n_power_iterations):
                 u_cur = e.normalize_or_keep(e.mv(mat_ng, v_cur, "Wv"), u_cur, eps, "u_new")
                 v_cur = e.normalize_or_keep(e.mv(mat_t, u_cur, "Wtu"), v_cur, eps, "v_new")
             # NB: in-place update of the u/v buffers; sigma below uses the fresh tensors, not the buffers
             e.copy_(u, u_cur, "u_update")
             e.copy_(v, v_cur, "v_update")
+            # sigma = u^T W v (= ||W^T u||), gradient through W only; clamped so a zero weight gives zeros
+            sigma = e.clamp_min(e.dot(u_cur, e.mv(mat, v_cur, "W_v"), "uWv"), eps, "sigma")
         else:
-            u_cur, v_cur = e.clone(u, "u_const"), e.clone(v, "v_const")
-        # sigma = u^T W v, gradient through W only; clamped so a zero weight gives zeros
-        wv = e.mv(mat, v_cur, "W_v")
-        sigma = e.clamp_min(e.dot(u_cur, wv, "uWv"), eps, "sigma")
-        if dtype == torch.float32:
+            # NB: clones, so a backward through this graph survives a later in-place u/v update
+            if u_cur is u:
+                u_cur, v_cur = e.clone(u, "u_const"), e.clone(v, "v_const")
+            uwv = e.dot(u_cur, e.mv(mat, v_cur, "W_v"), "uWv")
+            # stale u/v may give either sign; only an exact zero (a zero weight) needs the guard
+            sigma = e.masked_fill(uwv, e.eq(uwv, 0, "uWv_zero"), eps, "sigma")
+        if dtype == compute:
             out = e.div(weight, sigma, "normalized")
         elif dtype is not None:
             out = e.to_dtype(e.div(w32, sigma, "normalized_f32"), dtype, "normalized")
