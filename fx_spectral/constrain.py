@@ -1,0 +1,775 @@
+r"""``constrain()``: project weights after every optimizer step (Lipschitz-transformer style).
+
+.. math::
+    W \leftarrow s\cdot\mathrm{project}(W / s), \qquad s = \sqrt{\mathrm{fan\_out}/\mathrm{fan\_in}}
+
+so every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/s` (DESIGN §4). The ops live in
+:mod:`fx_spectral.constraints`; this file is the machinery that selects weights, keeps persistent
+power-iteration vectors, couples the soft cap to the optimizer (torch.optim.Muon) and reports.
+
+Structure (so other pieces can hook in):
+
+* method configs: frozen keyword-only dataclasses (:class:`SoftCap`, :class:`HardCap`, …), one
+  handler per config type in ``_HANDLERS``; ``METHODS`` maps the string names to config types;
+* :func:`project_matrix` is the ONE function every per-weight projection goes through
+  (a pure function on one 2-D matrix, so a distributed implementation can call it on a gathered
+  matrix and scatter the result);
+* :meth:`Constraint._project_target` holds the ONE DTensor dispatch point, which hands sharded
+  parameters to ``fx_spectral.distributed.project_dtensor_(handle, target, method)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fx_spectral import constraints as C
+from fx_spectral.nn import SUPPORTED_MODULES, default_dim, weight_matrix
+
+__all__ = [
+    "constrain",
+    "Constraint",
+    "SpectralNormalize",
+    "HardCap",
+    "SoftCap",
+    "SpectralHammer",
+    "SpectralWeightDecay",
+    "PureSVD",
+    "Orthogonalize",
+    "METHODS",
+    "project_matrix",
+    "muon_update_norm",
+]
+
+HEAD_NAMES = frozenset({"lm_head", "head", "output"})
+N_WARMUP_ITERATIONS = 15  # a fresh u/v gets these before the per-step iterations (as spectral_norm)
+MUON_SAFETY = 1.02  # on top of the exact Newton–Schulz peak: covers Muon's bf16 rounding (measured 1.0003)
+
+
+# --------------------------------------------------------------------------------------------
+# Method configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Method:
+    """Fields every method has. ``dtype``: compute dtype (None: float32, float64 for float64 weights)."""
+
+    name: ClassVar[str] = ""
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
+            raise TypeError(f"{type(self).__name__}: dtype must be a floating torch.dtype or None, got {self.dtype!r}")
+
+    @staticmethod
+    def _check_int(owner: str, field: str, value: Any, low: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{owner}: {field} must be an int >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralNormalize(_Method):
+    r""":math:`W \leftarrow W/\max(1, \hat\sigma/w_{max})` with ``n_iter`` persistent power iterations per step."""
+
+    name: ClassVar[str] = "spectral_normalize"
+    n_iter: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_int(type(self).__name__, "n_iter", self.n_iter, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralHammer(SpectralNormalize):
+    r""":math:`W \leftarrow W + (w_{max} - \hat\sigma) u v^\top` (top singular value set to w_max)."""
+
+    name: ClassVar[str] = "spectral_hammer"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralWeightDecay(SpectralNormalize):
+    r""":math:`W \leftarrow W - wd\,\hat\sigma u v^\top` every step (w_max is not used; reports only)."""
+
+    name: ClassVar[str] = "spectral_weight_decay"
+    wd: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.wd, (int, float)) or not 0.0 <= self.wd <= 1.0:
+            raise ValueError(f"SpectralWeightDecay: wd must be a float in [0, 1], got {self.wd!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardCap(_Method):
+    """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or ``exact``."""
+
+    name: ClassVar[str] = "hard_cap"
+    exact: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoftCap(_Method):
+    r"""Soft cap :math:`f(\sigma)=\sigma-3\alpha^2\sigma^5+3\alpha^3\sigma^7-\alpha^4\sigma^9`.
+
+    ``alpha=None``: coupled to the optimizer (:func:`fx_spectral.constraints.soft_cap_coupling`)
+    with the maximum update norm from torch.optim.Muon's param group, or ``max_update_norm`` (in
+    RMS→RMS units) for any other optimizer. ``sensitive_to_wmax=True``: the soft cap runs on
+    ``W/(s·w_max)`` and the result is multiplied by ``s·w_max`` (an explicit ``alpha`` is then in
+    units of w_max); ``False``: on ``W/s``. With the coupling both give the same result.
+    """
+
+    name: ClassVar[str] = "soft_cap"
+    alpha: float | None = None
+    max_update_norm: float | None = None
+    sensitive_to_wmax: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field in ("alpha", "max_update_norm"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"SoftCap: {field} must be a float >= 0 or None, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PureSVD(_Method):
+    """Exact cap by SVD: U min(S, w_max) Vᵀ (slow; a reference)."""
+
+    name: ClassVar[str] = "pure_svd"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Orthogonalize(_Method):
+    """Every singular value → w_max (``sensitive_to_wmax``) or 1: Newton–Schulz (``steps``) or ``exact`` SVD."""
+
+    name: ClassVar[str] = "orthogonalize"
+    steps: int = C.DEFAULT_NS_STEPS
+    exact: bool = False
+    sensitive_to_wmax: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_int("Orthogonalize", "steps", self.steps, 1)
+
+
+METHODS: dict[str, type[_Method]] = {
+    cls.name: cls
+    for cls in (SpectralNormalize, HardCap, SoftCap, SpectralHammer, SpectralWeightDecay, PureSVD, Orthogonalize)
+}
+
+
+def _method_config(method: str | _Method, options: Mapping[str, Any]) -> _Method:
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(
+                f"constrain: unknown method {method!r}; expected one of {sorted(METHODS)} or a config object"
+            )
+        cls, base = METHODS[method], None
+    elif isinstance(method, _Method):
+        cls, base = type(method), method
+    else:
+        raise TypeError(
+            f"constrain: method must be a name {sorted(METHODS)} or a config such as SoftCap(), got {method!r}"
+        )
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise TypeError(
+            f"constrain: option(s) {unknown} not valid for method {cls.name!r}; valid options: {sorted(valid)}"
+        )
+    return dataclasses.replace(base, **options) if base is not None else cls(**options)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-matrix projection: the one function every weight goes through
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProjectionContext:
+    """What a handler needs besides the matrix: the cap, coupling terms, persistent vectors.
+
+    ``update_norm``: the optimizer's max update norm in this matrix's RMS→RMS units (None if
+    unknown); ``decay``: the per-step decoupled weight-decay fraction; ``vectors``: a
+    ``get() -> (u, v) | None`` / ``put(u, v)`` pair for the persistent power-iteration state;
+    ``seed``: seeds the random start of fresh vectors (never touches the global RNG).
+    """
+
+    w_max: float
+    decay: float = 0.0
+    update_norm: float | None = None
+    get_vectors: Callable[[], tuple[Tensor, Tensor] | None] = lambda: None
+    put_vectors: Callable[[Tensor, Tensor], None] = lambda u, v: None
+    seed: int = 0
+
+
+def _compute_dtype(cfg: _Method, dtype: torch.dtype) -> torch.dtype:
+    if cfg.dtype is not None:
+        return cfg.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def project_matrix(matrix: Tensor, cfg: _Method, ctx: ProjectionContext, *, scale: float) -> Tensor:
+    """Project one 2-D weight matrix in RMS→RMS units: ``scale * project(matrix / scale)``.
+
+    Pure (returns a new tensor in ``matrix.dtype``) except for ``ctx.put_vectors``. This is the
+    single seam every per-weight projection goes through (sub-views of a fused weight, shards
+    gathered by a distributed implementation).
+    """
+    X = matrix.to(_compute_dtype(cfg, matrix.dtype)) / scale
+    Y = _HANDLERS[type(cfg)](X, cfg, ctx)
+    return (Y * scale).to(matrix.dtype)
+
+
+def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext):
+    prev = ctx.get_vectors()
+    if prev is None or prev[0].shape[-1] != X.shape[0] or prev[1].shape[-1] != X.shape[1]:
+        gen = torch.Generator(device=X.device).manual_seed(ctx.seed)
+        u, sigma, v = C.power_iterate(X, N_WARMUP_ITERATIONS + n_iter, generator=gen)
+    else:
+        u, sigma, v = C.power_iterate(X, n_iter, u=prev[0], v=prev[1])
+    ctx.put_vectors(u, v)
+    return u, sigma, v
+
+
+def _soft_cap(X: Tensor, cfg: SoftCap, ctx: ProjectionContext) -> Tensor:
+    unit = ctx.w_max if cfg.sensitive_to_wmax else 1.0
+    cap = ctx.w_max / unit
+    alpha = cfg.alpha
+    if alpha is None:
+        eta = cfg.max_update_norm if cfg.max_update_norm is not None else ctx.update_norm
+        if eta is None:
+            raise RuntimeError("soft cap coupling needs the max update norm (pass max_update_norm=)")
+        alpha = _coupling(cap, ctx.decay, eta / unit)
+    return C.soft_cap(X / unit, alpha) * unit
+
+
+@functools.lru_cache(maxsize=4096)
+def _coupling(w_max: float, decay: float, eta: float) -> float:
+    return C.soft_cap_coupling(w_max, decay, eta)
+
+
+def _orthogonalize(X: Tensor, cfg: Orthogonalize, ctx: ProjectionContext) -> Tensor:
+    Y = C.orthogonalize(X, steps=cfg.steps, exact=cfg.exact)
+    return Y * ctx.w_max if cfg.sensitive_to_wmax else Y
+
+
+_HANDLERS: dict[type[_Method], Callable[[Tensor, Any, ProjectionContext], Tensor]] = {
+    SpectralNormalize: lambda X, cfg, ctx: C.spectral_normalize(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
+    SpectralHammer: lambda X, cfg, ctx: C.spectral_hammer(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
+    SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx)),
+    HardCap: lambda X, cfg, ctx: C.hard_cap(X, ctx.w_max, exact=cfg.exact),
+    SoftCap: _soft_cap,
+    PureSVD: lambda X, cfg, ctx: C.pure_svd(X, ctx.w_max),
+    Orthogonalize: _orthogonalize,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Coupling with torch.optim.Muon
+# --------------------------------------------------------------------------------------------
+
+_MUON_KEYS = ("ns_coefficients", "ns_steps", "adjust_lr_fn")
+
+
+def _is_muon_group(group: Mapping) -> bool:
+    return all(k in group for k in _MUON_KEYS)
+
+
+@functools.cache
+def _ns_peak(coefficients: tuple[float, float, float], steps: int) -> float:
+    # Muon divides by the Frobenius norm first, so every singular value starts in [0, 1]:
+    # the update's largest singular value is the peak of the iterated scalar map on [0, 1].
+    a, b, c = coefficients
+    x = torch.linspace(0.0, 1.0, 400_001, dtype=torch.float64)
+    for _ in range(steps):
+        x2 = x * x
+        x = x * (a + b * x2 + c * x2 * x2)
+    return float(x.abs().max())
+
+
+def _muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    try:
+        from torch.optim._muon import _adjust_lr
+
+        return float(_adjust_lr(1.0, adjust_lr_fn, shape))
+    except ImportError:  # pragma: no cover - same rule, in case torch moves the helper
+        A, B = shape[:2]
+        if adjust_lr_fn in (None, "original"):
+            return max(1.0, A / B) ** 0.5
+        return 0.2 * max(A, B) ** 0.5 if adjust_lr_fn == "match_rms_adamw" else 1.0
+
+
+def muon_update_norm(group: Mapping, param_shape: torch.Size) -> float:
+    """Upper bound on the spectral norm (raw units) of one torch.optim.Muon update of a parameter.
+
+    Muon adds ``-adjusted_lr * NS(G)``, where ``adjusted_lr = lr * ratio(shape)`` (its
+    ``adjust_lr_fn``) and ``NS`` maps each singular value of ``G/‖G‖_F`` through its quintic
+    ``ns_steps`` times (peak 1.2024 for the default coefficients). Divide by the matrix's scale
+    ``sqrt(fan_out/fan_in)`` for RMS→RMS units.
+    """
+    lr = float(group["lr"])
+    peak = _ns_peak(tuple(float(c) for c in group["ns_coefficients"]), int(group["ns_steps"]))
+    return lr * _muon_lr_ratio(group["adjust_lr_fn"], param_shape) * peak * MUON_SAFETY
+
+
+def _decay(group: Mapping) -> float:
+    # Muon decays decoupled (param.mul_(1 - lr * wd)); for any other optimizer 0 is the safe
+    # choice (a larger k only makes the cap stronger).
+    return float(group["lr"]) * float(group.get("weight_decay", 0.0)) if _is_muon_group(group) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    fqn: str
+    module: nn.Module
+    param: nn.Parameter
+    dim: int
+    optimizer: torch.optim.Optimizer  # the optimizer that owns the param's state
+    group: dict
+    w_max: dict  # sub-view key (None: the whole weight) -> w_max
+
+    def name(self, key: str | None) -> str:
+        return self.fqn if key is None else f"{self.fqn}[{key}]"
+
+
+def _owners(model: nn.Module) -> dict[int, tuple[str, list[tuple[str, nn.Module]]]]:
+    # id(param) -> (fqn as named_parameters spells it, [(module fqn, module) for every owner])
+    owners: dict[int, tuple[str, list]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod._parameters.items():
+            if p is None:
+                continue
+            fqn = f"{mod_name}.{pname}" if mod_name else pname
+            entry = owners.setdefault(id(p), (fqn, []))
+            entry[1].append((mod_name, mod, pname))
+    return owners
+
+
+def _default_selected(owners_of_p: list) -> bool:
+    return all(
+        pname == "weight" and isinstance(mod, SUPPORTED_MODULES) and mod_name.rsplit(".", 1)[-1] not in HEAD_NAMES
+        for mod_name, mod, pname in owners_of_p
+    )
+
+
+def _patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"constrain: {what} must be a glob pattern or a list of them, got {value!r}")
+    return patterns
+
+
+def _param_owner(optimizer: torch.optim.Optimizer) -> dict[int, tuple[torch.optim.Optimizer, dict]]:
+    # id(param) -> (optimizer owning its state, its param group). A container with an
+    # ``optimizers`` list (TorchTitan's OptimizersContainer) keeps state in its members.
+    members = getattr(optimizer, "optimizers", None)
+    members = [o for o in members if isinstance(o, torch.optim.Optimizer)] if isinstance(members, (list, tuple)) else []
+    out = {}
+    for opt in members or [optimizer]:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                out[id(p)] = (opt, group)
+    return out
+
+
+def _resolve_w_max(w_max, name: str, parent: str) -> float:
+    if not isinstance(w_max, Mapping):
+        return float(w_max)
+    if name in w_max:
+        return float(w_max[name])
+    for pattern, value in w_max.items():
+        if fnmatch.fnmatchcase(name, pattern) or (name != parent and fnmatch.fnmatchcase(parent, pattern)):
+            return float(value)
+    raise ValueError(f"constrain: no w_max pattern matches {name!r}; patterns: {list(w_max)} (add a '*' entry)")
+
+
+def _check_w_max(w_max) -> None:
+    values = w_max.values() if isinstance(w_max, Mapping) else [w_max]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(
+                f"constrain: w_max must be > 0 (a float or a dict of glob pattern -> float), got {w_max!r}"
+            )
+    if isinstance(w_max, Mapping) and not all(isinstance(k, str) for k in w_max):
+        raise TypeError(f"constrain: w_max dict keys must be glob patterns (str), got {list(w_max)}")
+
+
+def _matrices(t: _Target, split) -> Iterable[tuple[str | None, Tensor, Callable[[Tensor], None]]]:
+    """(key, 2-D matrix, write-back) for each projected piece of a target's parameter."""
+    p = t.param
+    views = split(t.fqn, p) if split is not None else None
+    if views is None:
+        if t.dim == 0:
+            yield None, weight_matrix(p, 0), lambda Y: p.copy_(Y.view(p.shape))  # NB: in place
+        else:
+            moved = p.movedim(t.dim, 0).shape
+            yield None, weight_matrix(p, t.dim), lambda Y: p.copy_(Y.reshape(moved).movedim(0, t.dim))  # NB: in place
+        return
+    for key, view in views.items():
+        yield (
+            key,
+            view.reshape(-1, view.shape[-1]),
+            (lambda Y, view=view: view.copy_(Y.reshape(view.shape))),
+        )  # NB: in place
+
+
+def _scale(matrix: Tensor) -> float:
+    return (matrix.shape[0] / matrix.shape[1]) ** 0.5
+
+
+def _is_dtensor(p: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
+def _distributed():
+    try:
+        from fx_spectral import distributed
+    except ImportError as e:
+        raise NotImplementedError(
+            "constrain: DTensor (FSDP2 / tensor-parallel) parameters need fx_spectral.distributed, "
+            f"which is not available in this build ({e}); constrain the unsharded model instead"
+        ) from e
+    return distributed
+
+
+# --------------------------------------------------------------------------------------------
+# The handle
+# --------------------------------------------------------------------------------------------
+
+
+def _state_keys(key: str | None) -> tuple[str, str]:
+    return ("spectral_u", "spectral_v") if key is None else (f"spectral_u[{key}]", f"spectral_v[{key}]")
+
+
+class Constraint:
+    """The handle :func:`constrain` returns: ``remove()``, ``report()``, ``project()``.
+
+    Attributes:
+        method: the method config in use.
+        names: the projected weights' names (``fqn`` or ``fqn[key]`` for split sub-views).
+    """
+
+    def __init__(self, model, optimizer, method, targets, split, act_modules):
+        self.model, self.optimizer, self.method = model, optimizer, method
+        self._targets: list[_Target] = targets
+        self._split = split
+        self._side: dict[tuple[int, str | None], tuple[Tensor, Tensor]] = {}
+        self._act: dict[str, Tensor] = {}
+        self._hooks = [optimizer.register_step_post_hook(self._after_step)]
+        for mod_name, mod in act_modules:
+            self._hooks.append(mod.register_forward_hook(functools.partial(self._record, mod_name)))
+        self.tracks_activations = bool(act_modules)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name(k) for t in self._targets for k in t.w_max]
+
+    # --- persistent power-iteration vectors ---------------------------------------------------
+    # Kept in optimizer.state[param]["spectral_u"/"spectral_v"] (["spectral_u[key]"] for split
+    # sub-views) once the optimizer has state for the param, so optimizer.state_dict() carries
+    # them; before that (a param the optimizer has not stepped yet) in a side dict, because
+    # Adam-style optimizers initialize their state only when it is empty.
+
+    def _get_vectors(self, t: _Target, key: str | None):
+        st = t.optimizer.state.get(t.param)
+        ku, kv = _state_keys(key)
+        if st and ku in st:
+            u, v = st[ku], st[kv]
+            if u.dtype not in (torch.float32, torch.float64):  # load_state_dict casts to the param dtype
+                u, v = st[ku], st[kv] = u.float(), v.float()
+            return u, v
+        return self._side.get((id(t.param), key))
+
+    def _put_vectors(self, t: _Target, key: str | None, u: Tensor, v: Tensor) -> None:
+        st = t.optimizer.state.get(t.param)
+        if st:
+            ku, kv = _state_keys(key)
+            st[ku], st[kv] = u, v  # NB: mutates the optimizer's state dict
+            self._side.pop((id(t.param), key), None)
+        else:
+            self._side[(id(t.param), key)] = (u, v)
+
+    def _context(self, t: _Target, key: str | None, matrix: Tensor, scale: float) -> ProjectionContext:
+        update = None
+        if _is_muon_group(t.group):
+            update = muon_update_norm(t.group, t.param.shape) / scale
+        return ProjectionContext(
+            w_max=t.w_max[key],
+            decay=_decay(t.group),
+            update_norm=update,
+            get_vectors=lambda: self._get_vectors(t, key),
+            put_vectors=lambda u, v: self._put_vectors(t, key, u, v),
+            seed=zlib.crc32(t.name(key).encode()),
+        )
+
+    # --- projection ----------------------------------------------------------------------------
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._project_all(self.method, only_stepped=True)
+
+    @torch.no_grad()
+    def _project_all(self, method: _Method, only_stepped: bool) -> None:
+        for t in self._targets:
+            if only_stepped and t.param.grad is None:
+                continue  # the optimizer did not update it this step
+            self._project_target(t, method)
+
+    def _project_target(self, t: _Target, method: _Method) -> None:
+        if _is_dtensor(t.param):
+            # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed ----
+            _distributed().project_dtensor_(self, t, method)
+            return
+        for key, matrix, write_back in _matrices(t, self._split):
+            scale = _scale(matrix)
+            write_back(project_matrix(matrix, method, self._context(t, key, matrix, scale), scale=scale))
+
+    def project(self, method: str | _Method | None = None, **options) -> Constraint:
+        """Project every selected weight now (e.g. once before training), with this handle's method
+        or another one (``handle.project("pure_svd")`` puts weights inside the ball exactly).
+        NB: modifies the weights in place. Returns the handle."""
+        cfg = self.method if method is None and not options else _method_config(method or self.method, options)
+        self._project_all(cfg, only_stepped=False)
+        return self
+
+    def remove(self) -> None:
+        """Stop projecting (and stop recording activations). Weights and stored vectors stay."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # --- metrics -------------------------------------------------------------------------------
+
+    def _record(self, mod_name: str, module, inputs, output) -> None:
+        out = output
+        while isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        if isinstance(out, Tensor) and out.is_floating_point() and out.numel():
+            m = out.detach().abs().amax().float()
+            prev = self._act.get(mod_name)
+            self._act[mod_name] = m if prev is None else torch.maximum(prev, m)
+
+    @torch.no_grad()
+    def report(self, *, exact: bool = True, activations: bool | None = None) -> dict[str, dict[str, float]]:
+        """The paper's health metrics, keyed by name.
+
+        For every projected weight (``fqn``, or ``fqn[key]`` for split sub-views):
+        ``{"sigma": σ₁/scale (RMS→RMS), "sigma_raw": σ₁, "w_max": ..., "scale": ...}``, σ₁ from
+        ``torch.linalg.matrix_norm(ord=2)`` (``exact=False``: two power iterations from the stored
+        vectors, cheap). With activation tracking (``constrain(..., track_activations=True)``),
+        also one entry per tracked module fqn: ``{"max_activation": max |output|}``, the running
+        maximum over the forwards since the previous ``report()`` (which resets it).
+        """
+        if activations is None:
+            activations = self.tracks_activations
+        if activations and not self.tracks_activations:
+            raise ValueError("report(activations=True) needs constrain(..., track_activations=True)")
+        out: dict[str, dict[str, float]] = {}
+        for t in self._targets:
+            for key, matrix, _ in _matrices(t, self._split):
+                if _is_dtensor(matrix):
+                    matrix = matrix.full_tensor()
+                m = matrix.detach().to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+                if exact:
+                    raw = float(torch.linalg.matrix_norm(m, ord=2))
+                else:
+                    prev = self._get_vectors(t, key)
+                    u, v = (None, None) if prev is None else prev
+                    raw = float(C.power_iterate(m, 2 if prev is not None else None, u=u, v=v)[1])
+                scale = _scale(m)
+                out[t.name(key)] = {"sigma": raw / scale, "sigma_raw": raw, "w_max": t.w_max[key], "scale": scale}
+        if activations:
+            for name, value in self._act.items():
+                out[name] = {"max_activation": float(value)}
+            self._act.clear()
+        return out
+
+    def __repr__(self) -> str:
+        return f"Constraint({self.method!r}, {len(self._targets)} weights)"
+
+
+# --------------------------------------------------------------------------------------------
+# constrain()
+# --------------------------------------------------------------------------------------------
+
+
+def constrain(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: str | _Method,
+    *,
+    w_max: float | Mapping[str, float] = 1.0,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    split: Callable[[str, Tensor], Mapping[str, Tensor] | None] | None = None,
+    track_activations: bool | str | Iterable[str] = False,
+    **options: Any,
+) -> Constraint:
+    r"""Project ``model``'s weights after every ``optimizer.step()`` to keep spectral norms ≤ ``w_max``.
+
+    .. math:: W \leftarrow s\,\mathrm{project}(W/s),\qquad s=\sqrt{\mathrm{fan\_out}/\mathrm{fan\_in}}
+
+    Registers ``optimizer.register_step_post_hook``; under no_grad, in place, each selected weight
+    the optimizer updated in that step is projected in RMS→RMS units. Conv weights are matrices
+    ``(out, in/groups·k…)``, ConvTranspose ``(out/groups, in·k…)`` (DESIGN §2).
+
+    Args:
+        model: the model whose parameters ``optimizer`` updates.
+        optimizer: only its parameters are touched (e.g. a torch.optim.Muon over the 2-D hidden
+            weights, with AdamW for the rest).
+        method: ``"spectral_normalize"``, ``"hard_cap"``, ``"soft_cap"``, ``"spectral_hammer"``,
+            ``"spectral_weight_decay"``, ``"pure_svd"``, ``"orthogonalize"`` or a config object
+            (:class:`SoftCap`, :class:`HardCap`, …); ``**options`` set its fields
+            (``alpha``, ``wd``, ``n_iter``, ``exact``, ``sensitive_to_wmax``, ``max_update_norm``,
+            ``dtype``, …).
+        w_max: the cap in RMS→RMS units: a float, or a dict ``{glob pattern: float}`` matched
+            against each weight's name: an exact name first, then the first matching pattern in
+            dict order (put specific patterns before ``"*"``).
+        include / exclude: glob patterns over parameter names as ``model.named_parameters()``
+            spells them (``*`` also crosses dots). Default selection (``include=None``): the
+            ``weight`` of every Linear / Conv / ConvTranspose (incl. eager spectral-normalized
+            ones), except modules named ``lm_head``, ``head`` or ``output`` (and tied weights
+            shared with an embedding). ``include`` replaces the default selection.
+        filter_fn: ``filter_fn(module, param_fqn) -> bool``, applied last.
+        split: ``split(fqn, param) -> {key: view} | None``: sub-views projected separately, each as
+            ``view.reshape(-1, view.shape[-1])``, named ``f"{fqn}[{key}]"`` (fused QKV).
+        track_activations: record the largest ``|output|`` of blocks for :meth:`Constraint.report`:
+            True (each element of every ``nn.ModuleList``, else the owners of the selected
+            weights) or glob patterns over module names.
+
+    Returns:
+        a :class:`Constraint` handle (``remove()``, ``report()``, ``project()``).
+
+    Raises:
+        ValueError / TypeError before anything is registered: unknown method or option,
+        ``w_max <= 0``, a pattern that matches nothing, a selected weight that is not a matrix,
+        a soft cap without a way to get the max update norm, nothing selected.
+
+    Example::
+
+        >>> muon = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
+        >>> handle = fx_spectral.constrain(model, muon, "soft_cap", w_max=1.0)
+        >>> handle.project("pure_svd")  # start inside the ball
+        >>> ...; muon.step()             # weights are projected after every step
+        >>> handle.report()["layers.0.mlp.up_proj.weight"]["sigma"]
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"constrain: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"constrain: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    cfg = _method_config(method, options)
+    _check_w_max(w_max)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"constrain: filter_fn must be callable(module, fqn) -> bool, got {filter_fn!r}")
+    if split is not None and not callable(split):
+        raise TypeError(f"constrain: split must be callable(fqn, param) -> dict | None, got {split!r}")
+    includes, excludes = _patterns(include, "include"), _patterns(exclude, "exclude")
+
+    owners = _owners(model)
+    all_fqns = [fqn for fqn, _ in owners.values()]
+    for what, pats in (("include", includes), ("exclude", excludes)):
+        for pat in pats:
+            if not any(fnmatch.fnmatchcase(f, pat) for f in all_fqns):
+                raise ValueError(f"constrain: {what} pattern {pat!r} matches no parameter of the model")
+    in_optimizer = _param_owner(optimizer)
+
+    targets: list[_Target] = []
+    for mod_name_params in model.named_parameters():
+        fqn, p = mod_name_params
+        _, owner_list = owners[id(p)]
+        selected = any(fnmatch.fnmatchcase(fqn, pat) for pat in includes) if includes else _default_selected(owner_list)
+        if not selected or any(fnmatch.fnmatchcase(fqn, pat) for pat in excludes):
+            continue
+        module = owner_list[0][1]
+        if filter_fn is not None and not filter_fn(module, fqn):
+            continue
+        if id(p) not in in_optimizer:
+            continue  # not updated by this optimizer
+        if p.ndim < 2:
+            raise ValueError(
+                f"constrain: selected parameter {fqn!r} has shape {tuple(p.shape)}, not a matrix; "
+                "select weights only (e.g. include='*.weight' or exclude='*.bias')"
+            )
+        opt, group = in_optimizer[id(p)]
+        t = _Target(fqn, module, p, default_dim(module), opt, group, {})
+        views = split(fqn, p) if split is not None else None
+        if views is not None:
+            if not isinstance(views, Mapping) or not views:
+                raise TypeError(
+                    f"constrain: split({fqn!r}, param) must return a non-empty dict of views or None, got {type(views).__name__}"
+                )
+            for key, view in views.items():
+                if not isinstance(view, Tensor) or view.ndim < 2:
+                    raise ValueError(f"constrain: split({fqn!r}) view {key!r} must be a tensor with >= 2 dims")
+        for key in views if views is not None else [None]:
+            t.w_max[key] = _resolve_w_max(w_max, t.name(key), fqn)
+        if isinstance(cfg, SoftCap) and cfg.alpha is None and cfg.max_update_norm is None and not _is_muon_group(group):
+            raise ValueError(
+                f"constrain: soft_cap with alpha=None couples alpha to the optimizer's max update norm, known "
+                f"for torch.optim.Muon only; {type(opt).__name__} updates {fqn!r}: pass max_update_norm= "
+                "(RMS→RMS units) or alpha="
+            )
+        targets.append(t)
+    if not targets:
+        raise ValueError(
+            "constrain: no weight selected (default: Linear/Conv weights the optimizer updates, no heads); "
+            "check include/exclude/filter_fn and that the optimizer holds the weights"
+        )
+    if isinstance(w_max, Mapping):
+        names = [t.name(k) for t in targets for k in t.w_max]
+        for pat in w_max:
+            if not any(n == pat or fnmatch.fnmatchcase(n, pat) for n in names + [t.fqn for t in targets]):
+                raise ValueError(f"constrain: w_max pattern {pat!r} matches no selected weight; selected: {names[:8]}…")
+    if any(_is_dtensor(t.param) for t in targets):
+        _distributed()  # NotImplementedError before anything is registered, if unavailable
+
+    act_modules = _activation_modules(model, targets, track_activations)
+    return Constraint(model, optimizer, cfg, targets, split, act_modules)
+
+
+def _activation_modules(model: nn.Module, targets: list[_Target], track) -> list[tuple[str, nn.Module]]:
+    if track is False or track is None:
+        return []
+    named = list(model.named_modules())
+    if track is True:
+        blocks = [
+            (f"{name}.{i}" if name else str(i), child)
+            for name, mod in named
+            if isinstance(mod, nn.ModuleList)
+            for i, child in enumerate(mod)
+        ]
+        if blocks:
+            return blocks
+        seen, out = set(), []
+        for t in targets:
+            for mod_name, mod in named:
+                if mod is t.module and id(mod) not in seen:
+                    seen.add(id(mod))
+                    out.append((mod_name, mod))
+        return out
+    patterns = _patterns(track, "track_activations")
+    out = [(n, m) for n, m in named if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not out:
+        raise ValueError(f"constrain: track_activations patterns {list(patterns)} match no module")
+    return out

@@ -1,0 +1,497 @@
+r"""Spectral weight-regulation ops (Lipschitz transformers, arXiv 2507.13338), pure and batched.
+
+Every op takes a matrix or a batch of matrices ``W`` of shape ``(..., m, n)`` and returns a new
+tensor of the same shape and dtype (the input is never modified). Ops compute in ``W.dtype`` unless
+``dtype=`` says otherwise (bf16 is allowed; the result is cast back to ``W.dtype``). Batched inputs
+give exactly what a loop over the matrices gives (nothing is divided by the batch size).
+
+==========================  =================================================================
+op                          effect on the singular values :math:`\sigma_i` of ``W``
+==========================  =================================================================
+:func:`spectral_normalize`  all divided by :math:`\max(1, \hat\sigma_1 / w_{max})`
+:func:`hard_cap`            :math:`\sigma \mapsto w_{max}\, p_4\circ p_3\circ p_2\circ p_1(\sigma / w_{max})`
+                            with :math:`p_j(x) = x(a_j + b_j x^2 + c_j x^4)` (≈ min(w_max, σ));
+                            ``exact=True``: exactly :math:`\min(w_{max}, \sigma)`
+:func:`soft_cap`            :math:`f(\sigma) = \sigma - 3\alpha^2\sigma^5 + 3\alpha^3\sigma^7 - \alpha^4\sigma^9`
+:func:`spectral_hammer`     :math:`\hat\sigma_1 \mapsto w_{max}`, the others unchanged
+:func:`spectral_weight_decay` :math:`\hat\sigma_1 \mapsto (1 - wd)\,\hat\sigma_1`, the others unchanged
+:func:`pure_svd`            :math:`\min(w_{max}, \sigma)` exactly (SVD)
+:func:`orthogonalize`       all → ≈1 (Newton–Schulz quintic, Muon's coefficients); ``exact``: 1
+==========================  =================================================================
+
+Polynomial ops (soft cap, hard cap, orthogonalize) multiply on the cheaper Gram side: with
+:math:`m \le n` they form :math:`X X^\top` (``m × m``), otherwise they work on :math:`X^\top`.
+Rank-one ops use a power-iteration estimate :math:`(u, \hat\sigma, v)` from :func:`power_iterate`,
+either passed in as ``estimate=`` (e.g. persistent vectors, 1–2 iterations) or computed fresh.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "power_iterate",
+    "spectral_normalize",
+    "hard_cap",
+    "soft_cap",
+    "spectral_hammer",
+    "spectral_weight_decay",
+    "pure_svd",
+    "orthogonalize",
+    "soft_cap_coupling",
+    "HARD_CAP_COEFFICIENTS",
+    "NS_COEFFICIENTS",
+    "hard_cap_polynomial",
+    "soft_cap_polynomial",
+]
+
+#: The paper's four odd polynomial steps x ← x(a + b x² + c x⁴) approximating min(1, x) (DESIGN §4).
+HARD_CAP_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
+    (0.805032, 0.206361, -0.019763),
+    (0.649867, 0.162935, -0.011150),
+    (1.810259, -0.200265, 0.008251),
+    (1.004384, -0.183490, 0.014413),
+)
+
+try:  # torch.optim.Muon's Newton–Schulz coefficients, so orthogonalize matches Muon's update.
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS
+except ImportError:  # pragma: no cover - older/newer torch layouts
+    DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS = 3.4445, -4.7750, 2.0315, 5
+
+#: Newton–Schulz quintic coefficients (a, b, c) used by :func:`orthogonalize` (torch.optim.Muon's).
+NS_COEFFICIENTS: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+
+_DEFAULT_FRESH_ITERATIONS = 15  # a fresh random vector gets this many, as torch's spectral_norm
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar maps (what each polynomial op does to one singular value; used by tests and coupling)
+# --------------------------------------------------------------------------------------------
+
+
+def soft_cap_polynomial(sigma, alpha: float):
+    r""":math:`f(\sigma) = \sigma - 3\alpha^2\sigma^5 + 3\alpha^3\sigma^7 - \alpha^4\sigma^9` (scalars or tensors)."""
+    t = alpha * sigma * sigma
+    return sigma * (1 - 3 * t**2 + 3 * t**3 - t**4)
+
+
+def hard_cap_polynomial(sigma, w_max: float = 1.0):
+    r"""The composition of the four hard-cap steps applied to ``sigma / w_max``, times ``w_max``."""
+    x = sigma / w_max
+    for a, b, c in HARD_CAP_COEFFICIENTS:
+        x2 = x * x
+        x = x * (a + b * x2 + c * x2 * x2)
+    return x * w_max
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_matrix(W: Tensor, op: str) -> None:
+    if not isinstance(W, Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor of shape (..., m, n), got {type(W).__name__}")
+    if W.ndim < 2:
+        raise ValueError(f"{op}: expected a matrix or a batch of matrices (..., m, n), got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise TypeError(f"{op}: expected a floating-point tensor, got dtype {W.dtype}")
+
+
+def _compute(W: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return W if dtype is None or dtype == W.dtype else W.to(dtype)
+
+
+def _wide(X: Tensor) -> tuple[Tensor, bool]:
+    # Work on the side whose Gram matrix is smaller: (m, n) with m <= n.
+    if X.shape[-2] > X.shape[-1]:
+        return X.mT, True
+    return X, False
+
+
+def _flat3(X: Tensor) -> Tensor:
+    # (..., m, n) -> (B, m, n); a 2-D input stays 2-D (addmm beats baddbmm on one matrix).
+    return X if X.ndim <= 3 else X.reshape(-1, *X.shape[-2:])
+
+
+def _addmm(inp: Tensor, m1: Tensor, m2: Tensor, *, beta: float, alpha: float) -> Tensor:
+    # beta * inp + alpha * m1 @ m2 in one fused kernel, for one matrix or a 3-D batch.
+    if inp.ndim == 2:
+        return torch.addmm(inp, m1, m2, beta=beta, alpha=alpha)
+    return torch.baddbmm(inp, m1, m2, beta=beta, alpha=alpha)
+
+
+def _gram(X: Tensor) -> Tensor:
+    return X @ X.mT
+
+
+def _odd_poly_(X: Tensor, coefficients, normalize_frobenius: bool = False) -> Tensor:
+    """Apply σ ← σ(a + bσ² + cσ⁴) steps (c may be 0) to every singular value of ``X``."""
+    shape = X.shape
+    X, transposed = _wide(_flat3(X))
+    if normalize_frobenius:
+        norm = torch.linalg.matrix_norm(X, keepdim=True).clamp_min(1e-7)
+        X = X / norm
+    for a, b, c in coefficients:
+        A = _gram(X)
+        B = _addmm(A, A, A, beta=b, alpha=c) if c != 0 else A * b
+        X = _addmm(X, B, X, beta=a, alpha=1.0)
+    if transposed:
+        X = X.mT
+    return X.reshape(shape)
+
+
+def _outer(u: Tensor, v: Tensor) -> Tensor:
+    return u.unsqueeze(-1) * v.unsqueeze(-2)
+
+
+def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> Tensor:
+    # t / ||t|| per matrix, or the old vector where ||t|| <= eps (a zero weight never gives NaN).
+    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+    return torch.where(norm > eps, t / norm.clamp_min(eps), old)
+
+
+def _mv(X: Tensor, v: Tensor) -> Tensor:
+    return (X @ v.unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Power iteration
+# --------------------------------------------------------------------------------------------
+
+
+def power_iterate(
+    W: Tensor,
+    n_iter: int | None = None,
+    u: Tensor | None = None,
+    v: Tensor | None = None,
+    *,
+    eps: float = 1e-12,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Estimate the top singular triple :math:`(u, \sigma_1, v)` of ``W`` (batched).
+
+    One step is :math:`u = \mathrm{normalize}(W v)`, then :math:`v = \mathrm{normalize}(W^\top u)`,
+    and :math:`\hat\sigma = u^\top W v` (torch's spectral_norm order, DESIGN §2). ``sigma`` is
+    differentiable with respect to ``W`` (u and v are constants); u and v are returned detached.
+
+    Args:
+        W: ``(..., m, n)``.
+        n_iter: iterations; default 1 when ``u`` or ``v`` is given, else 15 from a random ``v``.
+        u, v: starting vectors ``(..., m)`` / ``(..., n)`` (not modified). With only ``u``,
+            ``v = normalize(Wᵀu)`` starts the iteration.
+        eps: norms at or below ``eps`` keep the previous vector (a zero weight gives sigma 0).
+        dtype: compute dtype; default float32 for fp16/bf16 input (the DESIGN precision rule),
+            else ``W.dtype``.
+        generator: for the random start.
+
+    Returns:
+        ``(u, sigma, v)`` with shapes ``(..., m)``, ``(...)``, ``(..., n)`` in the compute dtype.
+
+    Example::
+
+        >>> W = torch.randn(64, 32)
+        >>> u, sigma, v = power_iterate(W, n_iter=30)
+        >>> u, sigma, v = power_iterate(W, u=u, v=v)  # warm start: 1 iteration
+    """
+    _check_matrix(W, "power_iterate")
+    if dtype is None:
+        dtype = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+    Wc = _compute(W, dtype)
+    X = Wc.detach()
+    batch, (m, n) = X.shape[:-2], X.shape[-2:]
+    fresh = u is None and v is None
+    if n_iter is None:
+        n_iter = _DEFAULT_FRESH_ITERATIONS if fresh else 1
+    if n_iter < 0:
+        raise ValueError(f"power_iterate: n_iter must be >= 0, got {n_iter}")
+    with torch.no_grad():
+        if v is not None:
+            v = v.to(device=X.device, dtype=dtype).expand(*batch, n)
+        elif u is not None:
+            u0 = u.to(device=X.device, dtype=dtype).expand(*batch, m)
+            v = _normalize_or_keep(_mv(X.mT, u0), torch.full_like(X[..., 0, :], n**-0.5), eps)
+        else:
+            v = torch.randn(*batch, n, dtype=dtype, device=X.device, generator=generator)
+            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        u = (
+            torch.zeros(*batch, m, dtype=dtype, device=X.device)
+            if u is None
+            else u.to(X.device, dtype).expand(*batch, m)
+        )
+        if n_iter == 0:
+            u = _normalize_or_keep(_mv(X, v), u, eps)
+        for _ in range(n_iter):
+            u = _normalize_or_keep(_mv(X, v), u, eps)
+            v = _normalize_or_keep(_mv(X.mT, u), v, eps)
+        u, v = u.clone(), v.clone()
+    sigma = (u * _mv(Wc, v)).sum(-1)
+    return u, sigma, v
+
+
+def _estimate(W: Tensor, estimate, n_iter: int | None, generator, op: str):
+    if estimate is not None:
+        if len(estimate) != 3:
+            raise ValueError(f"{op}: estimate must be (u, sigma, v) as power_iterate returns it")
+        return estimate
+    return power_iterate(W, n_iter, generator=generator)
+
+
+# --------------------------------------------------------------------------------------------
+# Rank-one and scaling ops
+# --------------------------------------------------------------------------------------------
+
+
+def spectral_normalize(
+    W: Tensor,
+    w_max: float = 1.0,
+    *,
+    estimate: tuple[Tensor, Tensor, Tensor] | None = None,
+    n_iter: int | None = None,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Scale ``W`` so its spectral norm is at most ``w_max``: :math:`W / \max(1, \hat\sigma / w_{max})`.
+
+    Differentiable through ``W`` (and through :math:`\hat\sigma`). ``estimate`` is a
+    ``(u, sigma, v)`` from :func:`power_iterate`; otherwise a fresh estimate is computed.
+
+    Example::
+
+        >>> Y = spectral_normalize(torch.randn(3, 16, 8), w_max=2.0, n_iter=30)
+    """
+    _check_matrix(W, "spectral_normalize")
+    _, sigma, _ = _estimate(W, estimate, n_iter, generator, "spectral_normalize")
+    X = _compute(W, dtype)
+    factor = torch.clamp_min(sigma.to(X.dtype) / w_max, 1.0)
+    return (X / factor[..., None, None]).to(W.dtype)
+
+
+def spectral_hammer(
+    W: Tensor,
+    w_max: float = 1.0,
+    *,
+    estimate: tuple[Tensor, Tensor, Tensor] | None = None,
+    n_iter: int | None = None,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Set the top singular value to ``w_max`` with a rank-one update: :math:`W + (w_{max} - \hat\sigma) u v^\top`.
+
+    The other singular values are unchanged (exactly so when :math:`(u, \hat\sigma, v)` is the exact
+    top triple). Suits low stable-rank updates (AdamW). Note it also *raises* a top singular value
+    below ``w_max``, as in the paper.
+
+    Example::
+
+        >>> Y = spectral_hammer(torch.randn(16, 8), w_max=1.0, n_iter=50)
+    """
+    _check_matrix(W, "spectral_hammer")
+    u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_hammer")
+    X = _compute(W, dtype)
+    change = (w_max - sigma).to(X.dtype)[..., None, None]
+    return (X + change * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
+
+
+def spectral_weight_decay(
+    W: Tensor,
+    wd: float,
+    *,
+    estimate: tuple[Tensor, Tensor, Tensor] | None = None,
+    n_iter: int | None = None,
+    dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Shrink only the top singular value by :math:`(1 - wd)`: :math:`W - wd\,\hat\sigma\, u v^\top`.
+
+    Example::
+
+        >>> Y = spectral_weight_decay(torch.randn(16, 8), wd=0.1, n_iter=50)
+    """
+    _check_matrix(W, "spectral_weight_decay")
+    if not 0.0 <= wd <= 1.0:
+        raise ValueError(f"spectral_weight_decay: wd must be in [0, 1], got {wd}")
+    u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_weight_decay")
+    X = _compute(W, dtype)
+    change = (wd * sigma).to(X.dtype)[..., None, None]
+    return (X - change * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Full-spectrum ops
+# --------------------------------------------------------------------------------------------
+
+
+def soft_cap(W: Tensor, alpha: float, *, dtype: torch.dtype | None = None) -> Tensor:
+    r"""Soft cap: :math:`X \leftarrow X - \alpha X X^\top X`, then :math:`X \leftarrow X + \alpha X X^\top X`.
+
+    Each singular value is mapped by :math:`f(\sigma) = \sigma - 3\alpha^2\sigma^5 + 3\alpha^3\sigma^7
+    - \alpha^4\sigma^9` (:func:`soft_cap_polynomial`); singular vectors are kept. Four matrix
+    products on the smaller Gram side. Choose ``alpha`` with :func:`soft_cap_coupling`.
+
+    Args:
+        W: ``(..., m, n)``.
+        alpha: the strength, ``>= 0``.
+        dtype: compute dtype (default ``W.dtype``; bf16 works).
+
+    Example::
+
+        >>> alpha = soft_cap_coupling(w_max=1.0, wd=0.0, max_update_norm=0.05)
+        >>> Y = soft_cap(torch.randn(64, 64) / 16, alpha)
+    """
+    _check_matrix(W, "soft_cap")
+    alpha = float(alpha)
+    if alpha < 0 or not math.isfinite(alpha):
+        raise ValueError(f"soft_cap: alpha must be a finite number >= 0, got {alpha}")
+    X = _compute(W, dtype)
+    Y = _odd_poly_(X, ((1.0, -alpha, 0.0), (1.0, alpha, 0.0)))
+    return Y.to(W.dtype)
+
+
+def hard_cap(W: Tensor, w_max: float = 1.0, *, exact: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    r"""Cap every singular value at ``w_max``: approximately (the paper's polynomial) or exactly.
+
+    Polynomial mode (default): four odd steps :math:`\sigma \leftarrow \sigma(a + b\sigma^2 +
+    c\sigma^4)` (:data:`HARD_CAP_COEFFICIENTS`) on ``W / w_max``, times ``w_max``: 0.5→0.498,
+    1→0.966, 1.185→1.0109 (the peak), 2→1.002 (times ``w_max``). Good for σ ≲ 2.5·w_max.
+    ``exact=True``: :math:`\min(w_{max}, \sigma)` exactly, as
+    :math:`X\, g(X^\top X)` with :math:`g(\lambda) = \min(1, w_{max}/\sqrt\lambda)` from an
+    eigendecomposition of the smaller Gram matrix (float32 at least).
+
+    Example::
+
+        >>> Y = hard_cap(torch.randn(32, 64) / 4)
+        >>> Y = hard_cap(torch.randn(8, 32, 64), w_max=2.0, exact=True)
+    """
+    _check_matrix(W, "hard_cap")
+    if not w_max > 0:
+        raise ValueError(f"hard_cap: w_max must be > 0, got {w_max}")
+    X = _compute(W, dtype)
+    if not exact:
+        return (_odd_poly_(X / w_max, HARD_CAP_COEFFICIENTS) * w_max).to(W.dtype)
+    edtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    Xe, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
+    lam, Q = torch.linalg.eigh(_gram(Xe))
+    g = torch.where(lam > w_max**2, w_max * lam.clamp_min(1e-30).rsqrt(), torch.ones_like(lam))
+    # X_capped = Q g(Λ) Qᵀ X  (left polar factor form, since X Xᵀ = Q Λ Qᵀ)
+    Y = (Q * g.unsqueeze(-2)) @ (Q.mT @ Xe)
+    if transposed:
+        Y = Y.mT
+    return Y.to(W.dtype)
+
+
+def pure_svd(W: Tensor, w_max: float = 1.0, *, dtype: torch.dtype | None = None) -> Tensor:
+    r"""Exact cap by SVD: :math:`U \min(S, w_{max}) V^\top` (float32 at least for the SVD).
+
+    Example::
+
+        >>> Y = pure_svd(torch.randn(16, 8), w_max=1.0)
+    """
+    _check_matrix(W, "pure_svd")
+    if not w_max > 0:
+        raise ValueError(f"pure_svd: w_max must be > 0, got {w_max}")
+    X = _compute(W, dtype)
+    sdtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    U, S, Vh = torch.linalg.svd(X.to(sdtype), full_matrices=False)
+    return ((U * S.clamp_max(w_max).unsqueeze(-2)) @ Vh).to(W.dtype)
+
+
+def orthogonalize(
+    W: Tensor,
+    *,
+    steps: int = DEFAULT_NS_STEPS,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    exact: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    r"""Send every singular value towards 1: :math:`\approx U V^\top` (Newton–Schulz quintic).
+
+    ``W / ‖W‖_F`` then ``steps`` iterations :math:`X \leftarrow aX + (bA + cA^2)X`,
+    :math:`A = X X^\top`, with torch.optim.Muon's coefficients: singular values land in about
+    [0.68, 1.2] (not exactly 1, by design of those coefficients). ``exact=True`` returns
+    :math:`U V^\top` from an SVD. Batched, on the smaller Gram side, in ``dtype`` (Muon itself
+    uses bf16).
+
+    Example::
+
+        >>> O = orthogonalize(torch.randn(4, 32, 64))
+    """
+    _check_matrix(W, "orthogonalize")
+    X = _compute(W, dtype)
+    if exact:
+        sdtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+        U, _, Vh = torch.linalg.svd(X.to(sdtype), full_matrices=False)
+        return (U @ Vh).to(W.dtype)
+    a, b, c = coefficients
+    return _odd_poly_(X, ((a, b, c),) * steps, normalize_frobenius=True).to(W.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Coupling with the optimizer
+# --------------------------------------------------------------------------------------------
+
+# t = α σ²: f(σ) = σ g(t) with g(t) = 1 - 3t² + 3t³ - t⁴, strictly decreasing on t > 0 (g(1) = 0).
+# f'(σ) = 1 - 15t² + 21t³ - 9t⁴ vanishes at T_PEAK: there f has its maximum σ* g(T_PEAK).
+
+
+def _g(t: float) -> float:
+    return 1 - 3 * t**2 + 3 * t**3 - t**4
+
+
+def _bisect(fn, lo: float, hi: float) -> float:
+    # fn(lo) > 0 > fn(hi); 200 halvings reach float64 resolution.
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if fn(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+@functools.cache
+def _t_peak() -> float:
+    return _bisect(lambda t: 1 - 15 * t**2 + 21 * t**3 - 9 * t**4, 0.0, 1.0)
+
+
+def soft_cap_coupling(w_max: float, wd: float, max_update_norm: float) -> float:
+    r"""The soft-cap strength that keeps every singular value at most ``w_max`` after each step.
+
+    After one optimizer step from a weight with :math:`\sigma_1 \le w_{max}`, no singular value
+    exceeds :math:`k = w_{max}(1 - wd) + \eta` (``wd``: the per-step decoupled decay fraction, e.g.
+    ``lr * weight_decay``; :math:`\eta`: ``max_update_norm``, the update's spectral norm in the same
+    units). Returns the smallest :math:`\alpha \ge 0` with :math:`f(k) = w_{max}`, i.e. the smallest
+    non-negative real root of :math:`-k^9\alpha^4 + 3k^7\alpha^3 - 3k^5\alpha^2 + (k - w_{max}) = 0`;
+    then :math:`\max_{[0,k]} f = w_{max}`. (If :math:`k > w_{max}/g(t^*) \approx 1.28\,w_{max}`,
+    f would peak inside :math:`[0, k]` above ``w_max``; the α returned then puts that peak at
+    exactly ``w_max``, which keeps the guarantee.) Returns 0.0 when ``k <= w_max``.
+
+    Example::
+
+        >>> alpha = soft_cap_coupling(1.0, wd=0.0, max_update_norm=0.02 * 1.2)
+    """
+    for name, value in (("w_max", w_max), ("wd", wd), ("max_update_norm", max_update_norm)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"soft_cap_coupling: {name} must be a finite float, got {value!r}")
+    if w_max <= 0:
+        raise ValueError(f"soft_cap_coupling: w_max must be > 0, got {w_max}")
+    if not 0 <= wd < 1:
+        raise ValueError(f"soft_cap_coupling: wd (decay fraction per step) must be in [0, 1), got {wd}")
+    if max_update_norm < 0:
+        raise ValueError(f"soft_cap_coupling: max_update_norm must be >= 0, got {max_update_norm}")
+    k = w_max * (1 - wd) + max_update_norm
+    if k <= w_max:
+        return 0.0
+    r = w_max / k
+    t_star = _t_peak()
+    g_star = _g(t_star)
+    if r >= g_star:  # the root lies before the peak: f increasing on [0, k], f(k) = w_max
+        t = _bisect(lambda s: _g(s) - r, 0.0, t_star)
+        return t / (k * k)
+    # Peak inside [0, k]: put the peak value sigma* g(t*) at w_max (sigma* = sqrt(t*/alpha)).
+    return t_star * g_star**2 / (w_max * w_max)
