@@ -142,23 +142,27 @@ def normalize_weight(
 
 
 def _normalize_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool) -> Tensor:
-    cdtype = _compute_dtype(weight.dtype)
     needs_grad = weight.requires_grad and torch.is_grad_enabled()
-    with torch.no_grad():
-        w_mat = weight_matrix(weight.detach().to(cdtype), dim)
-        if training:
-            u, v, sigma = _power_iteration(w_mat, u, v, n_iter, eps)
-        else:
-            # NB: copies when saved for backward: a later training forward updates the buffers in place.
-            u, v = u.to(cdtype, copy=needs_grad), v.to(cdtype, copy=needs_grad)
-            sigma = torch.dot(u, torch.mv(w_mat, v))
-            # Stale u/v may give any sign; only an exact zero (a zero weight) needs the guard.
-            sigma = torch.where(sigma == 0, eps, sigma)
-        if training:
-            sigma = sigma.clamp_min(eps)
+    u, v, sigma = _estimate_sigma(weight, u, v, dim, n_iter, eps, training, needs_grad)
     if needs_grad:
         return _DivideBySigma.apply(weight, u, v, sigma, dim)
     return _divide(weight, sigma)
+
+
+@torch.no_grad()
+def _estimate_sigma(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool, needs_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    # (u, v, sigma) in the compute dtype; u/v are fresh tensors wherever they get saved for backward.
+    w_mat = weight_matrix(weight.to(_compute_dtype(weight.dtype)), dim)
+    if training:
+        u, v, sigma = _power_iteration(w_mat, u, v, n_iter, eps)
+        return u, v, sigma.clamp_min(eps)
+    # NB: copies when saved for backward: a later training forward updates the buffers in place.
+    u, v = u.to(w_mat.dtype, copy=needs_grad), v.to(w_mat.dtype, copy=needs_grad)
+    sigma = torch.dot(u, torch.mv(w_mat, v))
+    # Stale u/v may give any sign; only an exact zero (a zero weight) needs the guard.
+    return u, v, torch.where(sigma == 0, eps, sigma)
 
 
 def _divide(weight: Tensor, sigma: Tensor) -> Tensor:
@@ -238,7 +242,56 @@ def _sn_weight(module: nn.Module, name: str) -> Tensor:
 
 
 def _linear_forward(self, input: Tensor) -> Tensor:
+    weight = self.weight
+    # Dividing the output instead of the weight is cheaper when the output is the smaller of the
+    # two (fewer rows than in_features); float32 without autocast only, where it is exact to 1 ulp.
+    if (
+        input.dtype == weight.dtype == torch.float32
+        and input.numel() < weight.numel()
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(input.device.type)
+    ):
+        cfg: _SNParam = self._sn_params["weight"]
+        u, v, sigma = _estimate_sigma(
+            weight, self.weight_u, self.weight_v, 0, cfg.n_power_iterations, cfg.eps, self.training, True
+        )
+        return _SpectralLinear.apply(input, weight, self.bias, u, v, sigma)
     return F.linear(input, _sn_weight(self, "weight"), self.bias)
+
+
+class _SpectralLinear(torch.autograd.Function):
+    r"""``F.linear(x, W / sigma, b)`` computed as ``F.linear(x, W) / sigma + b``.
+
+    Backward, with :math:`z = x W^\top` and :math:`G` the output gradient:
+    :math:`\nabla_x = (G/\sigma) W`, :math:`\nabla_W = (G/\sigma)^\top x - \frac{\langle G, z\rangle}{\sigma^2} u v^\top`,
+    :math:`\nabla_b = \sum G`: one rank-1 update on top of the usual weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
+        z_over_sigma = F.linear(x, weight) / sigma
+        ctx.save_for_backward(x, weight, u, v, sigma, z_over_sigma)
+        ctx.has_bias = bias is not None
+        return z_over_sigma + bias if bias is not None else z_over_sigma.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, u, v, sigma, z_over_sigma = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        g_over_sigma = g / sigma
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g_over_sigma.mm(weight).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            c = torch.dot(g_over_sigma.reshape(-1), z_over_sigma.reshape(-1))  # <G, z> / sigma^2
+            grad_w = g_over_sigma.t().mm(x.reshape(-1, x.shape[-1]))
+            # NB: in place on the fresh weight gradient.
+            grad_w.addr_(u * -c, v)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _conv_forward(self, input: Tensor) -> Tensor:
