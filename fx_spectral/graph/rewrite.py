@@ -30,13 +30,19 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, Node
 
 from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS, is_aten_op, weight_arg, weight_dim, weight_op
 
-__all__ = ["insert_normalization", "find_weight_uses", "rewrite_weight", "lower_module_call", "lowering_blocker"]
+__all__ = [
+    "NORMALIZED_META", "insert_normalization", "find_weight_uses", "rewrite_weight",
+    "lower_module_call", "lowering_blocker",
+]
 
 aten = torch.ops.aten
+
+#: ``node.meta`` key on the node of ``W / sigma``: the name of the raw weight node.
+NORMALIZED_META = "fx_spectral_normalized"
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +183,8 @@ def insert_normalization(
     eps: float,
     training: bool,
     use_aten: bool | None = None,
+    weight_dtype: torch.dtype | None = None,
+    weight_ndim: int | None = None,
 ) -> Node:
     r"""Insert the nodes computing ``weight / sigma`` and return the node of the normalized weight.
 
@@ -207,6 +215,10 @@ def insert_normalization(
         training: emit the u/v update (True) or not (False).
         use_aten: emit ATen overloads (``aten.mv.default`` ...) instead of torch-level ops. Default:
             ATen if any user of ``weight`` is an ATen op (an exported graph), else torch-level.
+        weight_dtype, weight_ndim: the weight's dtype and number of dims, when known to the caller;
+            default: from ``weight.meta`` (``val`` / ``example_value`` / ``tensor_meta``) or the
+            ``get_attr`` target in ``graph.owning_module``. They only choose which casts and views
+            are emitted (a 2-D weight with ``dim=0`` needs no flatten, a float32 one no cast).
 
     Returns:
         the node of ``W / sigma`` in the weight's dtype.
@@ -227,6 +239,8 @@ def insert_normalization(
     if use_aten is None:
         use_aten = any(is_aten_op(user.target) for user in weight.users if user.op == "call_function")
     dtype, ndim = _weight_info(weight)
+    dtype = dtype if weight_dtype is None else weight_dtype
+    ndim = ndim if weight_ndim is None else weight_ndim
     if dim < 0 and ndim is not None:
         dim %= ndim
     # nn._compute_dtype: float32 for fp16/bf16/fp32 weights, float64 for float64 weights
@@ -269,6 +283,8 @@ def insert_normalization(
             out = e.to_dtype(e.div(w32, sigma, "normalized_f32"), dtype, "normalized")
         else:
             out = e.type_as(e.div(w32, sigma, "normalized_f32"), weight, "normalized")
+    # Tag the result with the raw weight's name (bake() folds the subgraph back into the weight).
+    out.meta[NORMALIZED_META] = weight.name
     return out
 
 
@@ -355,18 +371,18 @@ def lowering_blocker(module: nn.Module, node: Node) -> str | None:
     return None
 
 
-def lower_module_call(gm: GraphModule, node: Node) -> Node:
+def lower_module_call(gm: nn.Module, node: Node, graph: Graph | None = None) -> Node:
     """Replace the ``call_module`` ``node`` of a Linear / Conv / ConvTranspose by the functional op it runs.
 
     The op takes ``get_attr`` nodes of the module's weight and bias and keeps the node's name, e.g.
-    ``fc = torch._C._nn.linear(x, fc_weight, fc_bias)``. NB: ``gm.graph`` is edited in place.
-    Check :func:`lowering_blocker` first.
+    ``fc = torch._C._nn.linear(x, fc_weight, fc_bias)``. NB: ``graph`` (default ``gm.graph``) is
+    edited in place; ``gm`` is the module its targets resolve in. Check :func:`lowering_blocker` first.
     """
     module = gm.get_submodule(node.target)
     reason = lowering_blocker(module, node)
     if reason is not None:
         raise ValueError(f"lower_module_call: cannot lower {node.target!r} ({type(module).__name__}): {reason}")
-    graph = gm.graph
+    graph = gm.graph if graph is None else graph
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     family = _stock_family(module)
     with graph.inserting_before(node):

@@ -1,0 +1,417 @@
+r"""``fx_spectral.transform``: spectral normalization as a torch.fx graph rewrite.
+
+.. math:: \text{op}(x, W) \ \to\ \text{op}(x, W / \sigma(W)) \quad
+          \text{for every weight of a linear / conv / conv\_transpose op}
+
+:func:`transform` traces a model with ``torch.fx.symbolic_trace`` (or takes a GraphModule as is,
+e.g. ``ep.module()`` of an ExportedProgram) and returns a :class:`SpectralGraphModule`: one
+graph for training (power iteration, u/v updated in place) and one for eval (no update), chosen
+on ``self.training`` at each call. :func:`spectral_pass` is the single-graph, in-place pass for
+pt2e-style pipelines. The u/v vectors are float32 buffers ``{name}_u`` / ``{name}_v`` on the
+module owning the weight (DESIGN §2), so ``state_dict`` keys equal the eager API's.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+from torch.fx.graph_module import _forward_from_src
+
+from fx_spectral import nn as sn
+from fx_spectral.graph.ops import MODULE_TYPES
+from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, lowering_blocker
+
+__all__ = ["SpectralConfig", "SpectralGraphModule", "transform", "spectral_pass"]
+
+_BACKEND_HINT = 'torch.compile(model, backend="spectral")'
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralConfig:
+    """What the pass normalizes and how.
+
+    Args:
+        filter_fn: ``filter_fn(module, fqn) -> bool`` on the module owning a weight; False skips it.
+        name: the attribute name(s) of the weights to normalize (the last component of a
+            ``get_attr`` target, ``"weight"`` for the module leaves); None normalizes every weight
+            feeding a linear / conv / conv_transpose op. Default ``"weight"``.
+        n_power_iterations: power-iteration steps per training call. Default 1.
+        eps: guard for the vector norms and for sigma. Default 1e-12.
+    """
+
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    name: str | tuple[str, ...] | None = "weight"
+    n_power_iterations: int = 1
+    eps: float = 1e-12
+
+    def __post_init__(self):
+        if self.name is not None:
+            object.__setattr__(self, "name", sn._names(self.name, "transform"))
+        sn._check_options(self.n_power_iterations, self.eps, "transform")
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(
+                f"transform: expected filter_fn to be callable(module, fqn) -> bool, got {self.filter_fn!r}"
+            )
+
+
+@dataclass(frozen=True)
+class _Weight:
+    """One normalized weight: its get_attr target, owner path, attribute, dim, eps."""
+
+    target: str
+    owner: str
+    attr: str
+    dim: int
+    eps: float
+
+
+# --------------------------------------------------------------------------------------------
+# The module: a training graph and an eval graph
+# --------------------------------------------------------------------------------------------
+
+
+class SpectralGraphModule(GraphModule):
+    """A GraphModule with a training graph and an eval graph; ``forward`` runs the one matching
+    ``self.training``, and ``graph`` / ``code`` are those of the current mode (so tools that run
+    ``gm.graph`` directly, like ``torch.export`` and ``torch.fx.Interpreter``, see the right one).
+
+    ``train_graph`` / ``eval_graph`` (and ``train_code`` / ``eval_code``) name each explicitly; edit
+    either in place and call ``recompile()``. ``spectral_weights`` lists the normalized weights as
+    ``(target, dim)``. ``copy.deepcopy`` keeps both graphs; pickling is refused (save the ``state_dict``).
+    """
+
+    def __init__(self, root: nn.Module, graph: Graph, eval_graph: Graph, weights: tuple[_Weight, ...] = ()):
+        # NB: set before GraphModule.__init__, whose graph assignment calls recompile().
+        self.__dict__["_eval_graph"] = eval_graph
+        self.__dict__["_sn_weights"] = tuple(weights)
+        super().__init__(root, graph, "SpectralGraphModule")
+        eval_graph.owning_module = self
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph if self.training else self._eval_graph
+
+    @graph.setter
+    def graph(self, g: Graph) -> None:
+        # GraphModule.__init__ assigns the training graph here (training is True at that point).
+        if self.__dict__.get("training", True):
+            self._graph = g
+        else:
+            self.__dict__["_eval_graph"] = g
+        g.owning_module = self
+        self.recompile()
+
+    @property
+    def code(self) -> str:
+        return self._code if self.training else self._eval_code
+
+    @property
+    def train_graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def eval_graph(self) -> Graph:
+        return self._eval_graph
+
+    @property
+    def train_code(self) -> str:
+        return self._code
+
+    @property
+    def eval_code(self) -> str:
+        return self._eval_code
+
+    @property
+    def spectral_weights(self) -> list[tuple[str, int]]:
+        return [(w.target, w.dim) for w in self._sn_weights]
+
+    def recompile(self):
+        python_code = super().recompile()
+        cls = type(self)
+        train_forward = cls.forward
+        eval_code = self._eval_graph.python_code(root_module="self")
+        self.__dict__["_eval_code"] = eval_code.src
+        eval_forward = _forward_from_src(eval_code.src, eval_code.globals, getattr(self._eval_graph, "_co_fields", {}))
+
+        @functools.wraps(train_forward)  # keeps the signature (torch.export binds inputs by it)
+        def forward(self, *args, **kwargs):
+            # Train/eval dispatch at run time: the eval graph never updates u/v.
+            return (train_forward if self.training else eval_forward)(self, *args, **kwargs)
+
+        cls.forward = forward
+        return python_code
+
+    def _parts(self):
+        # The module tree and the two graphs, for deepcopy.
+        holder = nn.Module()
+        holder._modules = dict(self._modules)
+        holder._parameters = dict(self._parameters)
+        holder._buffers = dict(self._buffers)
+        graphs = (self._graph, self._eval_graph)
+        for name in {n.target.split(".")[0] for g in graphs for n in g.nodes if n.op == "get_attr"}:
+            if not hasattr(holder, name):
+                setattr(holder, name, getattr(self, name))
+        return (holder, self._graph, self._eval_graph, self._sn_weights, self.training)
+
+    def __reduce__(self):
+        raise TypeError(
+            "SpectralGraphModule cannot be pickled (torch.save of the module): save its state_dict and call "
+            "fx_spectral.transform(model) again to load it, or bake() it and save the exported program"
+        )
+
+    def __deepcopy__(self, memo):
+        res = _rebuild(*copy.deepcopy(self._parts(), memo))
+        memo[id(self)] = res
+        return res
+
+
+def _rebuild(root: nn.Module, graph: Graph, eval_graph: Graph, weights, training: bool) -> SpectralGraphModule:
+    gm = SpectralGraphModule(root, graph, eval_graph, weights)
+    _install_owners(gm, root, weights)
+    gm.training = training
+    return gm
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+def _is_eager_normalized(module: nn.Module) -> bool:
+    return bool(module.__dict__.get("_sn_params"))
+
+
+class _Tracer(torch.fx.Tracer):
+    # Modules normalized by the eager API are leaves: their forward already normalizes (and its
+    # Python control flow on the weight's dtype does not trace).
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return _is_eager_normalized(m) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module, concrete_args) -> Graph:
+    try:
+        graph = _Tracer().trace(model, concrete_args)
+    except Exception as err:  # symbolic tracing fails with many exception types
+        raise TypeError(
+            f"transform: torch.fx.symbolic_trace cannot trace {type(model).__name__} "
+            f"({type(err).__name__}: {err}). Models with data-dependent control flow (HF transformers, "
+            f"for one) do not symbolic_trace: use {_BACKEND_HINT}, which rewrites the graphs dynamo "
+            "captures, or fix the arguments that steer control flow with `concrete_args`."
+        ) from err
+    return graph
+
+
+def _lower_leaves(gm: nn.Module, graph: Graph, cfg: SpectralConfig) -> None:
+    """Turn the module leaves into functional ops on get_attr weights (or hand them to the eager API)."""
+    # NB: edits gm.graph in place; Lazy and other leaves that cannot be lowered get the eager API.
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, MODULE_TYPES) or _is_eager_normalized(module):
+            continue
+        if cfg.name is not None and "weight" not in cfg.name:
+            continue
+        if cfg.filter_fn is not None and not cfg.filter_fn(module, node.target):
+            continue
+        reason = lowering_blocker(module, node)
+        if reason is None:
+            lower_module_call(gm, node, graph)
+        elif torch.nn.utils.parametrize.is_parametrized(module):
+            warnings.warn(f"transform: {node.target!r} is left unchanged: {reason}", stacklevel=3)
+        else:
+            # Lazy modules (shapes unknown until their first forward), ConvTranspose called with
+            # output_size: the eager API normalizes them inside their forward, with the same state.
+            sn.spectral_norm(module, "weight", n_power_iterations=cfg.n_power_iterations, eps=cfg.eps)
+
+
+def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig) -> tuple[_Weight, ...]:
+    """The get_attr weights of ``graph`` to normalize; creates their u/v buffers on ``root``'s submodules."""
+    plan: list[_Weight] = []
+    for w, uses in find_weight_uses(graph).items():
+        if w.op != "get_attr":
+            continue
+        owner_path, _, attr = w.target.rpartition(".")
+        owner = root.get_submodule(owner_path)
+        where = w.target
+        if cfg.name is not None and attr not in cfg.name:
+            continue
+        if sn.is_spectral_normalized(owner, attr):
+            continue  # the eager API already normalizes it
+        if cfg.filter_fn is not None and not cfg.filter_fn(owner, owner_path):
+            continue
+        dims = {d for _, d in uses}
+        if len(dims) != 1:
+            raise ValueError(f"transform: weight {where!r} is used with different output dims {sorted(dims)}")
+        (dim,) = dims
+        weight = getattr(owner, attr)
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() < 2:
+            raise ValueError(
+                f"transform: weight {where!r} must be a floating-point tensor with >= 2 dims, got {type(weight)}"
+            )
+        _ensure_uv(owner, attr, weight, dim, cfg.eps, where)
+        plan.append(_Weight(w.target, owner_path, attr, dim, cfg.eps))
+    return tuple(plan)
+
+
+def _ensure_uv(owner: nn.Module, attr: str, weight: torch.Tensor, dim: int, eps: float, where: str) -> None:
+    # NB: registers float32 buffers {attr}_u / {attr}_v on the owning module (shared with the model).
+    rows = weight.shape[dim]
+    cols = weight.numel() // rows
+    u, v = owner._buffers.get(attr + "_u"), owner._buffers.get(attr + "_v")
+    if u is not None and v is not None:
+        if u.shape != (rows,) or v.shape != (cols,) or u.dtype != torch.float32:
+            raise ValueError(
+                f"transform: {where}_u / {where}_v exist with shapes {tuple(u.shape)}, {tuple(v.shape)}; "
+                f"expected float32 ({rows},), ({cols},)"
+            )
+        return  # reuse: the same model transformed twice, or a loaded checkpoint
+    u, v = sn._init_uv(weight, dim, eps)
+    owner.register_buffer(attr + "_u", u)
+    owner.register_buffer(attr + "_v", v)
+
+
+def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: SpectralConfig, training: bool) -> None:
+    # NB: edits graph in place.
+    targets = {w.target: w for w in plan}
+    for w, uses in find_weight_uses(graph).items():
+        if w.op != "get_attr" or w.target not in targets:
+            continue
+        info = targets[w.target]
+        weight = root.get_parameter(w.target) if w.target in dict(root.named_parameters()) else None
+        if weight is None:
+            weight = getattr(root.get_submodule(info.owner), info.attr)
+        with graph.inserting_before(w.next):
+            u = graph.get_attr(f"{w.target}_u")
+            v = graph.get_attr(f"{w.target}_v")
+        new = insert_normalization(
+            graph, w, u, v, dim=info.dim, n_power_iterations=cfg.n_power_iterations, eps=cfg.eps,
+            training=training, weight_dtype=weight.dtype, weight_ndim=weight.dim(),
+        )
+        for op, _ in uses:
+            op.replace_input_with(w, new)
+    graph.lint()
+
+
+def spectral_pass(
+    gm: GraphModule,
+    *,
+    training: bool = True,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    name: str | tuple[str, ...] | None = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+) -> GraphModule:
+    """Rewrite ``gm`` in place (one graph, training or eval) and return it: the pt2e-style pass.
+
+    Works on ``symbolic_trace`` output and on ``ep.module()`` of an ExportedProgram, whose weights
+    are ``get_attr`` nodes feeding ATen ops (the emitted nodes are then ATen ops too). u/v buffers
+    are created on the owning submodules of ``gm``. For a module that switches between training
+    and eval, use :func:`transform`.
+
+    Example::
+
+        >>> ep = torch.export.export(model, (x,))
+        >>> gm = spectral_pass(ep.module())  # training graph: updates gm's u/v buffers
+        >>> ep2 = torch.export.export(gm, (x,))  # re-export with the normalization inside
+    """
+    cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps)
+    _lower_leaves(gm, gm.graph, cfg)
+    plan = _plan(gm, gm.graph, cfg)
+    _rewrite(gm, gm.graph, plan, cfg, training)
+    gm.recompile()
+    return gm
+
+
+def transform(
+    model: nn.Module,
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    name: str | tuple[str, ...] | None = "weight",
+    n_power_iterations: int = 1,
+    eps: float = 1e-12,
+    concrete_args: dict | None = None,
+) -> SpectralGraphModule:
+    r"""Trace ``model`` and spectral-normalize every weight feeding a linear / conv / conv_transpose op.
+
+    .. math:: \bar W = W / \sigma(W), \quad \sigma \text{ by power iteration on float32 } u, v
+
+    Each weight becomes one normalizing subgraph (see :func:`fx_spectral.graph.insert_normalization`)
+    whose result feeds every op using it. The returned module runs a training graph (u/v updated in
+    place, ``n_power_iterations`` per call) or an eval graph (no update) according to
+    ``self.training``. Numbers equal the eager API (:func:`fx_spectral.spectral_norm`) and torch's
+    ``spectral_norm`` given the same u/v.
+
+    What is normalized: ``call_module`` leaves of the fourteen Linear / Conv / ConvTranspose types
+    (lowered to the functional op on ``get_attr`` weights), and functional ops (``F.linear``,
+    ``torch.conv*d``, ``torch.conv_transpose*d``, their ATen forms) on ``get_attr`` weights. Modules
+    the eager API already normalizes are left alone (not normalized twice). Lazy modules that have
+    not run yet, and ConvTranspose called with ``output_size``, are handed to the eager API, which
+    normalizes them inside their forward with the same state layout. Modules parametrized by
+    ``torch.nn.utils.parametrize`` are left unchanged with a warning.
+
+    NB: the returned module shares its submodules and parameters with ``model`` (an optimizer built
+    on ``model.parameters()`` keeps working); the u/v buffers are registered on those submodules,
+    so ``model.state_dict()`` gains the same ``{name}_u`` / ``{name}_v`` keys as the eager API.
+
+    Args:
+        model: an ``nn.Module`` (traced with ``torch.fx``) or a ``GraphModule`` (taken as is, e.g.
+            ``ep.module()`` of an ExportedProgram; not modified).
+        filter_fn: ``filter_fn(module, fqn) -> bool`` on the module owning each weight.
+        name: the weight attribute name(s) to normalize; None for every weight feeding an op.
+        n_power_iterations: power-iteration steps per training call. Default 1.
+        eps: guard for the vector norms and for sigma. Default 1e-12.
+        concrete_args: passed to ``torch.fx.Tracer.trace`` to fix arguments that steer control flow.
+
+    Returns:
+        a :class:`SpectralGraphModule`.
+
+    Raises:
+        TypeError: the model does not symbolic_trace (use ``torch.compile(model, backend="spectral")``).
+
+    Example::
+
+        >>> gm = transform(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        >>> sorted(k for k in gm.state_dict() if k.endswith(("_u", "_v")))
+        ['0.weight_u', '0.weight_v', '2.weight_u', '2.weight_v']
+    """
+    cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps)
+    if isinstance(model, SpectralGraphModule):
+        raise ValueError("transform: the model is already a SpectralGraphModule (transformed once)")
+    if isinstance(model, GraphModule):
+        if concrete_args is not None:
+            raise ValueError("transform: concrete_args only applies to models that are traced, not to a GraphModule")
+        graph = copy.deepcopy(model.graph)
+    elif isinstance(model, nn.Module):
+        graph = _trace(model, concrete_args)
+    else:
+        raise TypeError(f"transform: expected an nn.Module or a GraphModule, got {type(model).__name__}")
+    graph.owning_module = model
+    _lower_leaves(model, graph, cfg)
+    plan = _plan(model, graph, cfg)
+    train_graph, eval_graph = graph, copy.deepcopy(graph)
+    _rewrite(model, train_graph, plan, cfg, training=True)
+    _rewrite(model, eval_graph, plan, cfg, training=False)
+    out = SpectralGraphModule(model, train_graph, eval_graph, plan)
+    _install_owners(out, model, plan)
+    out.meta.update(getattr(model, "meta", {}))
+    out.train(model.training)
+    return out
+
+
+def _install_owners(out: GraphModule, root: nn.Module, plan: tuple[_Weight, ...]) -> None:
+    # GraphModule copies get_attr targets onto fresh empty parents; put the real owning modules
+    # back so u/v stay buffers of the module that owns the weight (and follow its .to()).
+    # NB: mutates out's module tree.
+    for path in sorted({w.owner for w in plan if w.owner}, key=lambda p: p.count(".")):
+        parent_path, _, child = path.rpartition(".")
+        setattr(out.get_submodule(parent_path), child, root.get_submodule(path))
+
+
