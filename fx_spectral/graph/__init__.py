@@ -3,8 +3,23 @@
 - :mod:`fx_spectral.graph.ops`: op tables (which ops take a weight, at which argument, its ``dim``).
 - :mod:`fx_spectral.graph.rewrite`: :func:`insert_normalization` / :func:`find_weight_uses`, the
   primitive shared by the transform and the torch.compile backend.
+- :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs)
+  and :func:`spectral_pass` (the in-place, one-graph pass for exported graphs).
+- :mod:`fx_spectral.graph.bake`: :func:`bake` (fold 1/sigma into the weights for deployment).
 """
 
+from fx_spectral.graph.bake import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
+from fx_spectral.graph.transform import SpectralConfig, SpectralGraphModule, spectral_pass, transform
 
-__all__ = ["find_weight_uses", "insert_normalization", "lower_module_call", "rewrite_weight"]
+__all__ = [
+    "SpectralConfig",
+    "SpectralGraphModule",
+    "bake",
+    "find_weight_uses",
+    "insert_normalization",
+    "lower_module_call",
+    "rewrite_weight",
+    "spectral_pass",
+    "transform",
+]

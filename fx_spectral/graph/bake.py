@@ -8,12 +8,13 @@ no spectral state, so it exports (``torch.export``) and loads anywhere without f
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from fx_spectral import nn as sn
-from fx_spectral.graph.rewrite import NORMALIZED_META
 from fx_spectral.graph.transform import SpectralGraphModule, _install_owners
 
 __all__ = ["bake"]
@@ -28,17 +29,8 @@ def _bake_eager(model: nn.Module) -> None:
 
 
 def _bake_graph_module(gm: SpectralGraphModule) -> GraphModule:
-    # The eval graph without its normalizing subgraphs: each op takes the (soon baked) raw weight.
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.eval_graph, {}))  # node meta copied shallowly (export leaves tensors there)
-    graph._codegen = gm.eval_graph._codegen
-    graph.owning_module = gm
-    by_name = {n.name: n for n in graph.nodes}
-    for node in list(graph.nodes):
-        raw = node.meta.get(NORMALIZED_META)
-        if raw is not None:
-            node.replace_all_uses_with(by_name[raw])
-    graph.eliminate_dead_code()
+    # The plain graph (module leaves lowered, no normalization): each op takes the baked weight.
+    graph = copy.deepcopy(gm._sn_plain_graph)
     with torch.no_grad():
         for w in gm._sn_weights:
             owner = gm.get_submodule(w.owner)

@@ -83,16 +83,43 @@ class SpectralGraphModule(GraphModule):
     ``gm.graph`` directly, like ``torch.export`` and ``torch.fx.Interpreter``, see the right one).
 
     ``train_graph`` / ``eval_graph`` (and ``train_code`` / ``eval_code``) name each explicitly; edit
-    either in place and call ``recompile()``. ``spectral_weights`` lists the normalized weights as
-    ``(target, dim)``. ``copy.deepcopy`` keeps both graphs; pickling is refused (save the ``state_dict``).
+    either in place and call ``recompile()``. Both are generated from the plain graph (the model
+    with its module leaves lowered to functional ops) and regenerated when ``.to()`` changes a
+    weight's dtype (the casts depend on it; u/v stay float32). ``spectral_weights`` lists the
+    normalized weights as ``(target, dim)``. ``copy.deepcopy`` works; pickling is refused (save
+    the ``state_dict`` and transform again).
     """
 
-    def __init__(self, root: nn.Module, graph: Graph, eval_graph: Graph, weights: tuple[_Weight, ...] = ()):
+    def __init__(self, root: nn.Module, plain_graph: Graph, weights: tuple[_Weight, ...], config: SpectralConfig):
         # NB: set before GraphModule.__init__, whose graph assignment calls recompile().
-        self.__dict__["_eval_graph"] = eval_graph
+        self.__dict__["_sn_plain_graph"] = plain_graph
         self.__dict__["_sn_weights"] = tuple(weights)
-        super().__init__(root, graph, "SpectralGraphModule")
+        self.__dict__["_sn_config"] = config
+        train_graph, eval_graph = self._generate(root)
+        self.__dict__["_eval_graph"] = eval_graph
+        super().__init__(root, train_graph, "SpectralGraphModule")
         eval_graph.owning_module = self
+        self.__dict__["_sn_dtypes"] = self._weight_dtypes(self)
+
+    def _weight_dtypes(self, root: nn.Module) -> tuple[torch.dtype, ...]:
+        return tuple(_resolve(root, w.target).dtype for w in self._sn_weights)
+
+    def _generate(self, root: nn.Module) -> tuple[Graph, Graph]:
+        train_graph, eval_graph = copy.deepcopy(self._sn_plain_graph), copy.deepcopy(self._sn_plain_graph)
+        _rewrite(root, train_graph, self._sn_weights, self._sn_config, training=True)
+        _rewrite(root, eval_graph, self._sn_weights, self._sn_config, training=False)
+        return train_graph, eval_graph
+
+    def _regenerate_if_needed(self) -> None:
+        dtypes = self._weight_dtypes(self)
+        if dtypes == self._sn_dtypes:
+            return
+        train_graph, eval_graph = self._generate(self)
+        self._graph = train_graph
+        self.__dict__["_eval_graph"] = eval_graph
+        train_graph.owning_module = eval_graph.owning_module = self
+        self.__dict__["_sn_dtypes"] = dtypes
+        self.recompile()
 
     @property
     def graph(self) -> Graph:
@@ -132,6 +159,28 @@ class SpectralGraphModule(GraphModule):
     def spectral_weights(self) -> list[tuple[str, int]]:
         return [(w.target, w.dim) for w in self._sn_weights]
 
+    def _apply(self, fn, recurse=True):
+        # u/v stay float32 under .to(dtype) / .half() / .double(): moved by device only, never
+        # through fn's dtype (as the eager API does). NB: mutates the owners' _buffers, order kept.
+        owners = {id(o): o for o in (self.get_submodule(w.owner) for w in self._sn_weights)}
+        keys = {w.attr + s for w in self._sn_weights for s in ("_u", "_v")}
+        saved = {}
+        for oid, owner in owners.items():
+            order = list(owner._buffers)
+            uv = {k: owner._buffers.pop(k) for k in order if k in keys}
+            saved[oid] = (order, uv)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for oid, owner in owners.items():
+                order, uv = saved[oid]
+                uv = {k: b.to(fn(b).device) for k, b in uv.items()}
+                rest = owner._buffers
+                owner._buffers = {k: uv[k] if k in uv else rest[k] for k in order if k in uv or k in rest}
+                owner._buffers.update({k: b for k, b in rest.items() if k not in owner._buffers})
+        self._regenerate_if_needed()
+        return self
+
     def recompile(self):
         python_code = super().recompile()
         cls = type(self)
@@ -149,7 +198,7 @@ class SpectralGraphModule(GraphModule):
         return python_code
 
     def _parts(self):
-        # The module tree and the two graphs, for deepcopy.
+        # The module tree, the plain graph and the plan, for deepcopy.
         holder = nn.Module()
         holder._modules = dict(self._modules)
         holder._parameters = dict(self._parameters)
@@ -158,7 +207,7 @@ class SpectralGraphModule(GraphModule):
         for name in {n.target.split(".")[0] for g in graphs for n in g.nodes if n.op == "get_attr"}:
             if not hasattr(holder, name):
                 setattr(holder, name, getattr(self, name))
-        return (holder, self._graph, self._eval_graph, self._sn_weights, self.training)
+        return (holder, self._sn_plain_graph, self._sn_weights, self._sn_config, self.training)
 
     def __reduce__(self):
         raise TypeError(
@@ -172,11 +221,15 @@ class SpectralGraphModule(GraphModule):
         return res
 
 
-def _rebuild(root: nn.Module, graph: Graph, eval_graph: Graph, weights, training: bool) -> SpectralGraphModule:
-    gm = SpectralGraphModule(root, graph, eval_graph, weights)
+def _rebuild(root: nn.Module, plain_graph: Graph, weights, config, training: bool) -> SpectralGraphModule:
+    gm = SpectralGraphModule(root, plain_graph, weights, config)
     _install_owners(gm, root, weights)
     gm.training = training
     return gm
+
+
+def _resolve(root: nn.Module, target: str):
+    return functools.reduce(getattr, target.split("."), root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,9 +338,7 @@ def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: Spec
         if w.op != "get_attr" or w.target not in targets:
             continue
         info = targets[w.target]
-        weight = root.get_parameter(w.target) if w.target in dict(root.named_parameters()) else None
-        if weight is None:
-            weight = getattr(root.get_submodule(info.owner), info.attr)
+        weight = _resolve(root, w.target)
         with graph.inserting_before(w.next):
             u = graph.get_attr(f"{w.target}_u")
             v = graph.get_attr(f"{w.target}_v")
@@ -396,10 +447,7 @@ def transform(
     graph.owning_module = model
     _lower_leaves(model, graph, cfg)
     plan = _plan(model, graph, cfg)
-    train_graph, eval_graph = graph, copy.deepcopy(graph)
-    _rewrite(model, train_graph, plan, cfg, training=True)
-    _rewrite(model, eval_graph, plan, cfg, training=False)
-    out = SpectralGraphModule(model, train_graph, eval_graph, plan)
+    out = SpectralGraphModule(model, graph, plan, cfg)
     _install_owners(out, model, plan)
     out.meta.update(getattr(model, "meta", {}))
     out.train(model.training)
