@@ -530,10 +530,16 @@ class Constraint:
 
     @torch.no_grad()
     def _project_all(self, method: _Method, only_stepped: bool) -> None:
+        sharded = []
         for t in self._targets:
             if only_stepped and t.param.grad is None:
                 continue  # the optimizer did not update it this step
+            if _is_dtensor(t.param):
+                sharded.append(t)
+                continue
             self._project_target(t, method)
+        if sharded:  # all DTensor weights together: shared collectives, full-spectrum work spread over ranks
+            _distributed().project_dtensors_(self, sharded, method)
 
     def _project_target(self, t: _Target, method: _Method) -> None:
         if _is_dtensor(t.param):
@@ -586,9 +592,10 @@ class Constraint:
             raise ValueError("report(activations=True) needs constrain(..., track_activations=True)")
         out: dict[str, dict[str, float]] = {}
         for t in self._targets:
+            if _is_dtensor(t.param):  # collective: every rank must call report()
+                out.update(_distributed().report_dtensors(self, [t], exact=exact))
+                continue
             for key, matrix, _ in _matrices(t, self._split):
-                if _is_dtensor(matrix):
-                    matrix = matrix.full_tensor()
                 m = matrix.detach().to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
                 if exact:
                     raw = float(torch.linalg.matrix_norm(m, ord=2))
@@ -713,7 +720,9 @@ def constrain(
             )
         opt, group = in_optimizer[id(p)]
         t = _Target(fqn, module, p, default_dim(module), opt, group, {})
-        views = split(fqn, p) if split is not None else None
+        # A DTensor is split as a meta tensor of its global shape (views of shards are not needed here).
+        probe = torch.empty(p.shape, dtype=p.dtype, device="meta") if _is_dtensor(p) else p
+        views = split(fqn, probe) if split is not None else None
         if views is not None:
             if not isinstance(views, Mapping) or not views:
                 raise TypeError(
