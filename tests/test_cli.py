@@ -73,7 +73,9 @@ def test_demo_lipschitz_bounds(demo_output):
 
 def test_demo_numbers_match_the_trained_models():
     # The reported numbers against torch's own computation on the networks the demo trained.
-    result = sn_mlp.run(steps=5, width=16, depth=2, progress=False, out=io.StringIO())
+    threads = torch.get_num_threads()
+    result = sn_mlp.run(steps=5, width=16, depth=2, num_threads=1, progress=False, out=io.StringIO())
+    assert torch.get_num_threads() == threads  # the demo restores torch's thread setting
     plain_linears = [m for m in result.plain_model if isinstance(m, torch.nn.Linear)]
     sn_linears = [m for m in result.sn_model if isinstance(m, torch.nn.Linear)]
     assert len(result.layers) == len(plain_linears) == len(sn_linears) == 3
@@ -98,6 +100,8 @@ def test_demo_numbers_match_the_trained_models():
 def test_demo_rejects_bad_steps():
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         sn_mlp.run(steps=0, progress=False, out=io.StringIO())
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        sn_mlp.run(steps=1, num_threads=0, progress=False, out=io.StringIO())
 
 
 def test_demo_is_the_default_command():

@@ -126,6 +126,7 @@ def run(
     batch_size: int = 256,
     logit_scale: float = 20.0,
     seed: int = 0,
+    num_threads: int | None = 1,
     progress: bool = True,
     out: TextIO | None = None,
 ) -> DemoResult:
@@ -137,14 +138,32 @@ def run(
         lr: Adam learning rate.
         logit_scale: the normalized network trains on ``logit_scale * f(x)`` (see module docstring).
         seed: seeds data, initialization and minibatch order.
+        num_threads: torch intra-op threads while the demo runs (restored afterwards); the layers
+            are tiny, so one thread is fastest and does not suffer when the machine is busy.
+            ``None`` keeps torch's setting.
         progress: show a tqdm progress bar (on stderr).
         out: where the report goes (default ``sys.stdout``).
     """
-    from tqdm.auto import tqdm
-
     out = sys.stdout if out is None else out
     if steps < 1:
         raise ValueError(f"sn-demo: steps must be >= 1, got {steps}")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"sn-demo: num_threads must be >= 1 or None, got {num_threads}")
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _run(steps, width, depth, lr, batch_size, logit_scale, seed, progress, out)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(
+    steps: int, width: int, depth: int, lr: float, batch_size: int, logit_scale: float, seed: int,
+    progress: bool, out: TextIO,
+) -> DemoResult:
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train = make_spirals(1024, generator=gen)
@@ -242,9 +261,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=64, help="hidden units per layer (default: 64)")
     parser.add_argument("--depth", type=int, default=3, help="hidden layers (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    run(steps=args.steps, width=args.width, depth=args.depth, seed=args.seed, progress=not args.no_progress)
+    run(
+        steps=args.steps,
+        width=args.width,
+        depth=args.depth,
+        seed=args.seed,
+        num_threads=args.threads,
+        progress=not args.no_progress,
+    )
     return 0
