@@ -197,12 +197,7 @@ class _DivideBySigma(torch.autograd.Function):
             c = torch.sum(g * out.to(sigma.dtype))
         grad_w = g / sigma
         # NB: in place on the fresh grad_w: grad_w -= (c / sigma) u v^T, in the matrix view.
-        scaled_u = u * (-c / sigma)
-        if ctx.dim == 0:
-            grad_w.view(grad_w.shape[0], -1).addr_(scaled_u, v)
-        else:
-            moved = grad_w.movedim(ctx.dim, 0)
-            moved.add_(torch.outer(scaled_u, v).view(moved.shape))
+        _add_outer_(grad_w, u * (-c / sigma), v, ctx.dim)
         return grad_w.to(grad.dtype), None, None, None, None
 
 
@@ -241,60 +236,60 @@ def _sn_weight(module: nn.Module, name: str) -> Tensor:
     )
 
 
-def _linear_forward(self, input: Tensor) -> Tensor:
-    weight = self.weight
-    # Dividing the output instead of the weight is cheaper when the output is the smaller of the
-    # two (fewer rows than in_features); float32 without autocast only, where it is exact to 1 ulp.
-    if (
-        input.dtype == weight.dtype == torch.float32
-        and input.numel() < weight.numel()
-        and weight.requires_grad
-        and torch.is_grad_enabled()
+def _divide_output(module: nn.Module, input: Tensor, out_numel: int) -> bool:
+    """Whether ``op(x, W)/sigma + b`` beats ``op(x, W/sigma) + b`` for this call.
+
+    Dividing the output skips the W-sized passes (W/sigma, and three more in backward) for ~4
+    output-sized ones, so it wins when the output is the smaller tensor: an MLP at small batch,
+    the wide late layers of a conv net. Eager float32 only, where both are equal to rounding;
+    under torch.compile the weight route fuses away anyway.
+    """
+    weight = module.weight
+    return (
+        5 * out_numel < 4 * weight.numel()
+        and input.dtype == weight.dtype == torch.float32
+        and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(input.device.type)
-    ):
-        cfg: _SNParam = self._sn_params["weight"]
-        u, v, sigma = _estimate_sigma(
-            weight, self.weight_u, self.weight_v, 0, cfg.n_power_iterations, cfg.eps, self.training, True
-        )
-        return _SpectralLinear.apply(input, weight, self.bias, u, v, sigma)
+    )
+
+
+def _op_over_sigma(module: nn.Module, input: Tensor, conv_args: tuple | None) -> Tensor:
+    cfg: _SNParam = module._sn_params["weight"]
+    weight = module.weight
+    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or input.requires_grad)
+    u, v, sigma = _estimate_sigma(
+        weight, module.weight_u, module.weight_v, cfg.dim, cfg.n_power_iterations, cfg.eps, module.training,
+        needs_grad,
+    )
+    return _OpOverSigma.apply(input, weight, module.bias, u, v, sigma, cfg.dim, conv_args)
+
+
+def _linear_forward(self, input: Tensor) -> Tensor:
+    if _divide_output(self, input, input.numel() // self.in_features * self.out_features):
+        return _op_over_sigma(self, input, None)
     return F.linear(input, _sn_weight(self, "weight"), self.bias)
 
 
-class _SpectralLinear(torch.autograd.Function):
-    r"""``F.linear(x, W / sigma, b)`` computed as ``F.linear(x, W) / sigma + b``.
-
-    Backward, with :math:`z = x W^\top` and :math:`G` the output gradient:
-    :math:`\nabla_x = (G/\sigma) W`, :math:`\nabla_W = (G/\sigma)^\top x - \frac{\langle G, z\rangle}{\sigma^2} u v^\top`,
-    :math:`\nabla_b = \sum G`: one rank-1 update on top of the usual weight gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, u: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
-        z_over_sigma = F.linear(x, weight) / sigma
-        ctx.save_for_backward(x, weight, u, v, sigma, z_over_sigma)
-        ctx.has_bias = bias is not None
-        return z_over_sigma + bias if bias is not None else z_over_sigma.clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, weight, u, v, sigma, z_over_sigma = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        g_over_sigma = g / sigma
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g_over_sigma.mm(weight).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            c = torch.dot(g_over_sigma.reshape(-1), z_over_sigma.reshape(-1))  # <G, z> / sigma^2
-            grad_w = g_over_sigma.t().mm(x.reshape(-1, x.shape[-1]))
-            # NB: in place on the fresh weight gradient.
-            grad_w.addr_(u * -c, v)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+def _conv_out_numel(module: nn.Module, input: Tensor, transposed: bool, output_padding=None) -> int:
+    n = len(module.kernel_size)
+    numel = module.out_channels * (input.shape[0] if input.dim() == n + 2 else 1)
+    for i in range(n):
+        length, k, s, p, d = input.shape[-n + i], module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
+        if transposed:
+            numel *= (length - 1) * s - 2 * p + d * (k - 1) + output_padding[i] + 1
+        else:
+            numel *= (length + 2 * p - d * (k - 1) - 1) // s + 1
+    return numel
 
 
 def _conv_forward(self, input: Tensor) -> Tensor:
+    if (
+        self.padding_mode == "zeros"
+        and not isinstance(self.padding, str)
+        and _divide_output(self, input, _conv_out_numel(self, input, False))
+    ):
+        conv_args = (self.stride, self.padding, self.dilation, False, (0,) * len(self.kernel_size), self.groups)
+        return _op_over_sigma(self, input, conv_args)
     return self._conv_forward(input, _sn_weight(self, "weight"), self.bias)
 
 
@@ -308,10 +303,75 @@ def _conv_transpose_forward(self, input: Tensor, output_size: list[int] | None =
     output_padding = self._output_padding(
         input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
     )
+    if _divide_output(self, input, _conv_out_numel(self, input, True, output_padding)):
+        conv_args = (self.stride, self.padding, self.dilation, True, tuple(output_padding), self.groups)
+        return _op_over_sigma(self, input, conv_args)
     return _CONV_T_FN[n](
         input, _sn_weight(self, "weight"), self.bias, self.stride, self.padding,
         output_padding, self.groups, self.dilation,
     )
+
+
+class _OpOverSigma(torch.autograd.Function):
+    r"""``op(x, W / sigma, b)`` computed as ``op(x, W) / sigma + b`` for op = linear or convolution.
+
+    Backward, with :math:`z = op(x, W)` and :math:`G` the output gradient: the usual input and
+    weight gradients of ``op`` for :math:`G/\sigma`, plus the sigma term
+    :math:`-\frac{\langle G, z\rangle}{\sigma^2} u v^\top` added in place to the weight gradient
+    (in its matrix view), and :math:`\nabla_b = \sum G` over all but the channel dimension.
+    ``conv_args`` is ``(stride, padding, dilation, transposed, output_padding, groups)``, or None
+    for linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, u, v, sigma, dim: int, conv_args: tuple | None) -> Tensor:
+        if conv_args is None:
+            z = F.linear(x, weight)
+        else:
+            z = torch.ops.aten.convolution(x, weight, None, *conv_args)
+        z_over_sigma = z.div_(sigma)
+        ctx.save_for_backward(x, weight, u, v, sigma, z_over_sigma)
+        ctx.dim, ctx.conv_args, ctx.has_bias = dim, conv_args, bias is not None
+        if bias is None:
+            # NB: a copy, so an in-place op on the output (ReLU(inplace=True)) leaves the saved one alone.
+            return z_over_sigma.clone()
+        return z_over_sigma + (bias if conv_args is None else bias.view(-1, *[1] * (z.dim() - 2)))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, u, v, sigma, z_over_sigma = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad / sigma
+        grad_x = grad_w = grad_b = None
+        if ctx.conv_args is None:
+            g2 = g.reshape(-1, g.shape[-1])
+            if need_x:
+                grad_x = g2.mm(weight).view(x.shape)
+            if need_w:
+                grad_w = g2.t().mm(x.reshape(-1, x.shape[-1]))
+            if need_b:
+                grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        else:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                g, x, weight, None, *ctx.conv_args, [need_x, need_w, False]
+            )
+            if need_b:
+                grad_b = grad.sum([d for d in range(grad.dim()) if d != 1])
+        if need_w:
+            c = torch.dot(g.reshape(-1), z_over_sigma.reshape(-1))  # <G, z> / sigma^2
+            # NB: in place on the fresh weight gradient: grad_w -= c u v^T in the matrix view.
+            _add_outer_(grad_w, u * -c, v, ctx.dim)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int) -> None:
+    """NB: in place: ``weight_matrix(t, dim) += outer(a, b)``."""
+    if dim == 0 and t.is_contiguous():
+        t.view(t.shape[0], -1).addr_(a, b)
+    else:
+        moved = t.movedim(dim, 0)
+        moved.add_(torch.outer(a, b).view(moved.shape))
 
 
 def _generic_forward(self, *args, **kwargs):
@@ -340,15 +400,28 @@ def _fast_forward(base: type[nn.Module]) -> Callable | None:
     return None
 
 
-def _rebuild(base: type[nn.Module], names: tuple[str, ...], state: dict) -> nn.Module:
+def _rebuild(base: type[nn.Module], names: tuple[str, ...], state: dict | None = None) -> nn.Module:
     obj = _spectral_class(base, names).__new__(_spectral_class(base, names))
-    obj.__setstate__(state)
+    if state is not None:
+        obj.__setstate__(state)
     return obj
 
 
 def _reduce_ex(self, protocol):
-    # Pickle / deepcopy by the importable base class, not the generated subclass.
-    return _rebuild, (self._sn_base, self._sn_class_names, self.__getstate__())
+    # Pickle / deepcopy by the importable base class, not the generated subclass. The state goes
+    # in the third slot so copy/pickle memoize the new object before copying the state: an un-run
+    # Lazy module's hooks are bound methods of the module itself.
+    return _rebuild, (self._sn_base, self._sn_class_names), self.__getstate__()
+
+
+class _LazyUV(UninitializedBuffer):
+    """The u/v of a Lazy module that has not run yet. Unlike UninitializedBuffer it can be
+    deep-copied (as UninitializedParameter can), so an un-run model can be copied."""
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(device=self.device, dtype=self.dtype)
+        return memo[id(self)]
 
 
 def _initialize_parameters(self, *args, **kwargs):
@@ -386,7 +459,7 @@ def _apply(self, fn, recurse=True):
         self._sn_base._apply(self, fn, recurse)
         for k, b in uv.items():
             device = fn(b).device
-            uv[k] = UninitializedBuffer(device=device, dtype=torch.float32) if is_lazy(b) else b.to(device)
+            uv[k] = _LazyUV(device=device, dtype=torch.float32) if is_lazy(b) else b.to(device)
     return self
 
 
@@ -457,6 +530,9 @@ def _param_config(module: nn.Module, name: str, dim: int | None, n_iter: int, ep
         )
     if is_spectral_normalized(module, name):
         raise ValueError(f"{where}: parameter {name!r} of {kind} is already spectral-normalized; remove it first")
+    taken = [n for n in (name + "_u", name + "_v") if hasattr(module, n)]
+    if taken:
+        raise ValueError(f"{where}: {kind} already has an attribute {taken[0]!r}, where the power-iteration vector goes")
     if is_lazy(param):
         if not (isinstance(module, SUPPORTED_MODULES) and isinstance(module, LazyModuleMixin) and name == "weight"):
             raise ValueError(
@@ -491,7 +567,7 @@ def _attach(module: nn.Module, configs: dict[str, _SNParam]) -> None:
     for name, cfg in configs.items():
         weight = module._parameters[name]
         if is_lazy(weight):
-            u, v = UninitializedBuffer(dtype=torch.float32), UninitializedBuffer(dtype=torch.float32)
+            u, v = _LazyUV(dtype=torch.float32), _LazyUV(dtype=torch.float32)
         else:
             u, v = _init_uv(weight, cfg.dim, cfg.eps)
         module.register_buffer(name + "_u", u)
