@@ -285,6 +285,20 @@ def _lower_leaves(gm: nn.Module, graph: Graph, cfg: SpectralConfig) -> None:
             sn.spectral_norm(module, "weight", n_power_iterations=cfg.n_power_iterations, eps=cfg.eps)
 
 
+def _merge_get_attrs(graph: Graph) -> None:
+    """One get_attr node per target, so a weight read twice (tied, or traced + lowered) is normalized once."""
+    # NB: edits graph in place. The first node of a target precedes every user of the later ones.
+    first: dict[str, object] = {}
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        if node.target in first:
+            node.replace_all_uses_with(first[node.target])
+            graph.erase_node(node)
+        else:
+            first[node.target] = node
+
+
 def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig) -> tuple[_Weight, ...]:
     """The get_attr weights of ``graph`` to normalize; creates their u/v buffers on ``root``'s submodules."""
     plan: list[_Weight] = []
@@ -375,6 +389,7 @@ def spectral_pass(
     """
     cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps)
     _lower_leaves(gm, gm.graph, cfg)
+    _merge_get_attrs(gm.graph)
     plan = _plan(gm, gm.graph, cfg)
     _rewrite(gm, gm.graph, plan, cfg, training)
     gm.recompile()
@@ -446,6 +461,7 @@ def transform(
         raise TypeError(f"transform: expected an nn.Module or a GraphModule, got {type(model).__name__}")
     graph.owning_module = model
     _lower_leaves(model, graph, cfg)
+    _merge_get_attrs(graph)
     plan = _plan(model, graph, cfg)
     out = SpectralGraphModule(model, graph, plan, cfg)
     _install_owners(out, model, plan)
