@@ -1,0 +1,407 @@
+"""Eager spectral_norm in everyday use: copies, checkpoints, dtype moves, torch.compile, removal,
+recursive application, zero weights, generic modules."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fx_spectral
+from fx_spectral import (
+    apply_spectral_norm,
+    is_spectral_normalized,
+    remove_spectral_norm,
+    spectral_norm,
+    spectral_sigma,
+)
+from fx_spectral.nn import normalize_weight, weight_matrix
+
+TOL = dict(atol=1e-6, rtol=1e-6)
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
+                         nn.Linear(2 * 5 * 5, 5))
+
+
+def _trained(steps=2):
+    model = _net()
+    apply_spectral_norm(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        model(torch.randn(2, 3, 9, 9)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def _same_behaviour(a, b):
+    """Same state, same training outputs and u/v updates, same eval outputs (a and b are left in train)."""
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, atol=0, rtol=0, msg=k)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(b(x), a(x), **TOL)
+    torch.testing.assert_close(b[0].weight_u, a[0].weight_u, **TOL)
+    a.eval(), b.eval()
+    torch.testing.assert_close(b(x), a(x), **TOL)
+    a.train(), b.train()
+
+
+# ---------------------------------------------------------------------------- copies and checkpoints
+
+
+def test_deepcopy_is_independent_and_equivalent():
+    model = _trained()
+    clone = copy.deepcopy(model)
+    assert type(clone[0]) is type(model[0]) and clone[0]._sn_params == model[0]._sn_params
+    assert clone[0].weight is not model[0].weight and clone[0].weight_u is not model[0].weight_u
+    _same_behaviour(model, clone)
+    u = model[0].weight_u.clone()
+    clone(torch.randn(2, 3, 9, 9))
+    assert torch.equal(model[0].weight_u, u), "the copy owns its u/v"
+
+
+def test_deepcopy_keeps_self_references():
+    """A bound-method hook (or any self-reference) must point at the copy, not at a phantom module."""
+
+    class Remember(nn.Linear):
+        def remember(self, module, args, out):
+            self.last = out
+
+    m = Remember(3, 2)
+    m.register_forward_hook(m.remember)
+    m.me = [m]
+    spectral_norm(m)
+    c = copy.deepcopy(m)
+    assert c.me[0] is c
+    y = c(torch.randn(1, 3))
+    assert c.last is y and not hasattr(m, "last")
+
+
+def test_torch_save_load_whole_model():
+    model = _trained()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded[4]) is type(model[4]) and type(loaded[4])._sn_base is nn.Linear
+    _same_behaviour(model, loaded)
+    # a plain state_dict checkpoint is weights_only-safe
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd.keys() == model.state_dict().keys()
+
+
+def test_state_dict_round_trip_strict():
+    src = _trained(3)
+    dst = _net()
+    apply_spectral_norm(dst)
+    missing = dst.load_state_dict(src.state_dict(), strict=True)
+    assert not missing.missing_keys and not missing.unexpected_keys
+    _same_behaviour(src, dst)
+    assert [k for k in src.state_dict() if k.endswith(("_u", "_v"))] == [
+        "0.weight_u", "0.weight_v", "2.weight_u", "2.weight_v", "4.weight_u", "4.weight_v"]
+    # a plain model refuses the extra u/v in strict mode, accepts the weights otherwise
+    plain = _net()
+    with pytest.raises(RuntimeError, match="weight_u"):
+        plain.load_state_dict(src.state_dict(), strict=True)
+    plain.load_state_dict(src.state_dict(), strict=False)
+    torch.testing.assert_close(plain[0].weight, src[0].weight, atol=0, rtol=0)
+
+
+def test_to_dtype_keeps_uv_float32_and_values():
+    m = spectral_norm(nn.Linear(6, 5))
+    u = m.weight_u.clone()
+    w = m.weight
+    for dtype in (torch.float16, torch.bfloat16, torch.float64, torch.float32):
+        m.to(dtype)
+        assert m.weight.dtype == dtype and m.weight_u.dtype == torch.float32 and m.weight_v.dtype == torch.float32
+        assert torch.equal(m.weight_u, u), f"u lost precision through {dtype}"
+    m.half()
+    assert m.weight_u.dtype == torch.float32
+    m.float()
+    assert m.weight is w, "module.to keeps the Parameter object (optimizer-safe)"
+    m.to("cpu", torch.float64)
+    assert m(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64
+    assert m.weight_u.dtype == torch.float32 and list(m.state_dict()) == ["weight", "bias", "weight_u", "weight_v"]
+
+
+def test_optimizer_built_before_normalization_keeps_training_the_same_parameter():
+    m = nn.Linear(4, 3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    spectral_norm(m)
+    before = m.weight.detach().clone()
+    m(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(m.weight, before)
+    assert m.weight is opt.param_groups[0]["params"][0]
+
+
+def test_forward_updates_once_per_training_forward():
+    m = spectral_norm(nn.Linear(8, 8), n_power_iterations=2)
+    u0, v0 = m.weight_u.clone(), m.weight_v.clone()
+    _ = m.weight, m.weight, spectral_sigma(m)
+    assert torch.equal(m.weight_u, u0)
+    m(torch.randn(1, 8))
+    w = m.weight.detach()
+    u, v = u0, v0
+    for _ in range(2):
+        u = torch.nn.functional.normalize(w @ v, dim=0)
+        v = torch.nn.functional.normalize(w.t() @ u, dim=0)
+    torch.testing.assert_close(m.weight_u, u, **TOL)
+    torch.testing.assert_close(m.weight_v, v, **TOL)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+
+
+def test_compile_zero_graph_breaks():
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.ConvTranspose1d(3, 2, 2, stride=2), nn.Flatten(),
+                          nn.Linear(2 * 8, 3))
+    apply_spectral_norm(model)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 2, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compile_default_backend_matches_eager_without_recompiles():
+    from torch._dynamo.utils import counters
+
+    eager = spectral_norm(nn.Linear(6, 4))
+    model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model)  # default backend (inductor)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        x = torch.randn(3, 6)
+        ye, yc = eager(x), compiled(x)
+        torch.testing.assert_close(yc, ye, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.weight_u, eager.weight_u, atol=1e-5, rtol=1e-5)
+        ye.square().sum().backward(), yc.square().sum().backward()
+        torch.testing.assert_close(model.weight.grad, eager.weight.grad, atol=1e-5, rtol=1e-5)
+        opt_e.step(), opt_c.step(), opt_e.zero_grad(), opt_c.zero_grad()
+    assert counters["stats"]["unique_graphs"] == 1, "one graph for all training steps (no recompiles)"
+    assert not counters["graph_break"]
+    # eval: the compiled module stops updating u/v
+    model.eval(), eager.eval()
+    u = model.weight_u.clone()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.weight_u, u)
+
+
+# ---------------------------------------------------------------------------- remove_spectral_norm
+
+
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(5, 4), (2, 5)),
+    (lambda: nn.ConvTranspose2d(3, 4, 3, groups=1), (1, 3, 4, 4)),
+    (lambda: nn.Bilinear(3, 2, 4), None),
+], ids=["linear", "convT2d", "bilinear"])
+def test_remove_bake(factory, shape):
+    m = spectral_norm(factory())
+    base = type(m)._sn_base
+    args = (torch.randn(2, 3), torch.randn(2, 2)) if shape is None else (torch.randn(shape),)
+    for _ in range(2):
+        m(*args)
+    w = m.weight
+    m.eval()
+    expected = m(*args)
+    u = m.weight_u.clone()
+    sigma = spectral_sigma(m)
+    raw = m.weight.detach().clone()
+    assert remove_spectral_norm(m) is m
+    assert type(m) is base and not is_spectral_normalized(m)
+    assert "weight_u" not in m._buffers and "_sn_params" not in m.__dict__
+    assert "weight_u" not in m.state_dict()
+    assert m.weight is w, "bake writes in place: same Parameter object"
+    torch.testing.assert_close(m.weight.detach(), raw / sigma, **TOL)
+    torch.testing.assert_close(m(*args), expected, **TOL)
+    m.train()
+    torch.testing.assert_close(m(*args), expected, **TOL)  # no more normalization, no update
+    del u
+
+
+def test_remove_without_bake_and_one_of_two_names():
+    m = spectral_norm(nn.Linear(4, 4))
+    raw = m.weight.detach().clone()
+    remove_spectral_norm(m, bake=False)
+    assert torch.equal(m.weight, raw) and type(m) is nn.Linear
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(3, 3) * 4)
+            self.b = nn.Parameter(torch.randn(3, 3) * 4)
+
+        def forward(self, x):
+            return x @ self.a @ self.b
+
+    t = spectral_norm(Two(), ("a", "b"))
+    x = torch.randn(2, 3)
+    t.eval()
+    y = t(x)
+    remove_spectral_norm(t, "a")
+    assert is_spectral_normalized(t, "b") and not is_spectral_normalized(t, "a")
+    assert list(t.state_dict()) == ["a", "b", "b_u", "b_v"]
+    torch.testing.assert_close(t(x), y, **TOL)
+    remove_spectral_norm(t, "b")
+    assert type(t) is Two
+    torch.testing.assert_close(t(x), y, **TOL)
+    # and it can be normalized again
+    spectral_norm(t, "b")
+    assert is_spectral_normalized(t, "b")
+
+
+# ---------------------------------------------------------------------------- apply_spectral_norm
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.inner = nn.Sequential(nn.Conv1d(8, 8, 1), nn.GELU(), nn.Linear(8, 8, bias=False))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, idx):
+        h = self.norm(self.emb(idx))
+        h = self.proj(h)
+        h = self.inner[0](h.transpose(1, 2)).transpose(1, 2)
+        return self.head(self.inner[2](self.inner[1](h)))
+
+
+def test_apply_recursive_leaves_embedding_and_layernorm_alone():
+    model = Block()
+    seen = []
+
+    def filter_fn(module, fqn):
+        seen.append((type(module).__name__, fqn))
+        return fqn != "head"
+
+    done = apply_spectral_norm(model, filter_fn=filter_fn)
+    assert done == ["proj.weight", "inner.0.weight", "inner.2.weight"]
+    assert seen == [("Linear", "proj"), ("Conv1d", "inner.0"), ("Linear", "inner.2"), ("Linear", "head")]
+    assert type(model.emb) is nn.Embedding and type(model.norm) is nn.LayerNorm and type(model.head) is nn.Linear
+    assert not any(k.startswith(("emb.", "norm.", "head.")) and k.endswith("_u") for k in model.state_dict())
+    # second pass: already normalized ones are skipped, only the head is new
+    assert apply_spectral_norm(model) == ["head.weight"]
+    assert apply_spectral_norm(model) == []
+    assert model.proj._sn_params["weight"].n_power_iterations == 1
+    y = model(torch.randint(0, 10, (2, 5)))
+    y.sum().backward()
+    assert model.emb.weight.grad is not None
+
+
+def test_apply_root_module_and_options():
+    m = nn.Linear(4, 4)
+    assert apply_spectral_norm(m, n_power_iterations=4, eps=1e-6) == ["weight"]
+    assert m._sn_params["weight"].n_power_iterations == 4 and m._sn_params["weight"].eps == 1e-6
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    spectral_norm(model[1], n_power_iterations=3)
+    assert apply_spectral_norm(model) == ["0.weight"]
+    assert model[1]._sn_params["weight"].n_power_iterations == 3, "skipped, not re-configured"
+
+
+def test_apply_shared_module_normalized_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert apply_spectral_norm(model) == ["0.weight"]
+    assert model[2] is model[0] and list(model.state_dict()).count("0.weight_u") == 1
+
+
+def test_apply_custom_linear_subclass_uses_generic_path():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(ScaledLinear(4, 3))
+    assert apply_spectral_norm(model) == ["0.weight"]
+    model.eval()
+    x = torch.randn(2, 4)
+    w_bar = normalize_weight(model[0].weight, model[0].weight_u, model[0].weight_v, training=False)
+    torch.testing.assert_close(model(x), 2 * nn.functional.linear(x, w_bar, model[0].bias), **TOL)
+    assert isinstance(model[0], ScaledLinear)
+
+
+# ---------------------------------------------------------------------------- zero weights
+
+
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(6, 4), (3, 6)),
+    (lambda: nn.ConvTranspose1d(3, 2, 3), (2, 3, 5)),
+], ids=["linear", "convT1d"])
+def test_zero_weight_gives_zeros_then_recovers(factory, shape):
+    m = factory()
+    with torch.no_grad():
+        m.weight.zero_()
+        m.bias.fill_(0.5)
+    spectral_norm(m, n_power_iterations=5)
+    assert torch.isfinite(m.weight_u).all() and m.weight_u.norm() > 0.5
+    for _ in range(2):
+        y = m(torch.randn(shape))
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, torch.full_like(y, 0.5), atol=0, rtol=0)
+        y.sum().backward()
+        assert torch.isfinite(m.weight.grad).all()
+        m.weight.grad = None
+    assert torch.isfinite(m.weight_u).all() and m.weight_u.norm() > 0.5, "u/v must not collapse to zero"
+    m.eval()
+    assert torch.isfinite(m(torch.randn(shape))).all()
+    m.train()
+    # the weight grows from zero: sigma tracks it
+    with torch.no_grad():
+        m.weight.copy_(torch.randn_like(m.weight))
+    for _ in range(40):
+        m(torch.randn(shape))
+    exact = torch.linalg.matrix_norm(weight_matrix(m.weight.detach().double(), m._sn_params["weight"].dim), ord=2)
+    torch.testing.assert_close(spectral_sigma(m).double(), exact, rtol=1e-4, atol=0)
+
+
+# ---------------------------------------------------------------------------- generic modules
+
+
+def test_generic_module_forward_serves_normalized_weight_only_inside_forward():
+    seen = {}
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(4, 3) * 5)
+            self.w2 = nn.Parameter(torch.randn(2, 4) * 5)
+
+        def forward(self, x):
+            seen["w1"], seen["w2"] = self.w1, self.w2
+            return x @ self.w1.t() @ self.w2.t()
+
+    m = spectral_norm(Probe(), ("w1", "w2"), n_power_iterations=30)
+    assert isinstance(m.w1, nn.Parameter)
+    m(torch.randn(1, 3))
+    assert not isinstance(seen["w1"], nn.Parameter)
+    for n in ("w1", "w2"):
+        assert torch.linalg.matrix_norm(seen[n].detach(), ord=2).item() == pytest.approx(1.0, rel=1e-4)
+    assert m.w1 is m._parameters["w1"] and "_sn_active" not in m.__dict__
+    # deepcopy and remove work on the generic path too
+    c = copy.deepcopy(m)
+    assert type(c) is type(m) and torch.equal(c.w1_u, m.w1_u)
+    remove_spectral_norm(c, ("w1", "w2"))
+    assert type(c) is type(m)._sn_base
+    with pytest.raises(RuntimeError):
+        m(torch.randn(1, 4))  # a failing forward
+    assert "_sn_active" not in m.__dict__, "the normalized weights are not left behind after an error"
+
+
+def test_package_root_exports():
+    for name in ("spectral_norm", "remove_spectral_norm", "apply_spectral_norm", "is_spectral_normalized",
+                 "spectral_sigma"):
+        assert getattr(fx_spectral, name) is getattr(fx_spectral.nn, name)
