@@ -1,5 +1,21 @@
-"""fx_spectral: control the spectral norm of PyTorch weights."""
+"""fx_spectral: control the spectral norm of PyTorch weights.
 
+Three ways over one math core and one state layout (raw parameter keeps its name; float32
+buffers ``{name}_u`` / ``{name}_v`` on the owning module):
+
+- eager: :func:`spectral_norm`, :func:`apply_spectral_norm`, :func:`remove_spectral_norm`;
+- graph: :func:`transform` (torch.fx), :func:`bake`, and the torch.compile backend ``"spectral"``
+  (:func:`backend` makes a configured one);
+- constraints: :func:`constrain` projects weights after every optimizer step
+  (:mod:`fx_spectral.constraints` holds the math), :func:`lipschitz_bound` certifies the result.
+"""
+
+import importlib
+
+from fx_spectral.graph import backend as _backend_module  # noqa: F401  (registers backend="spectral")
+from fx_spectral.graph.backend import backend
+from fx_spectral.graph.bake import bake
+from fx_spectral.graph.transform import transform
 from fx_spectral.nn import (
     apply_spectral_norm,
     is_spectral_normalized,
@@ -10,10 +26,33 @@ from fx_spectral.nn import (
 
 __version__ = "0.1.0"
 
+# Loaded on first use: the constraint machinery is not needed to normalize or compile a model.
+_LAZY = {
+    "constrain": "fx_spectral.constrain",
+    "lipschitz_bound": "fx_spectral.lipschitz",
+    "constraints": None,
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = _LAZY[name]
+        if module is None:
+            return importlib.import_module(f"fx_spectral.{name}")
+        return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'fx_spectral' has no attribute {name!r}")
+
+
 __all__ = [
     "apply_spectral_norm",
+    "backend",
+    "bake",
+    "constrain",
+    "constraints",
     "is_spectral_normalized",
+    "lipschitz_bound",
     "remove_spectral_norm",
     "spectral_norm",
     "spectral_sigma",
+    "transform",
 ]
