@@ -243,7 +243,9 @@ def test_deepcopy_keeps_both_graphs():
 
 
 def _gan_like():
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.ConvTranspose2d(4, 2, 3), nn.Flatten(), nn.Linear(72, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.LeakyReLU(0.2), nn.ConvTranspose2d(4, 2, 3), nn.Flatten(), nn.Linear(72, 3)
+    )
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -371,6 +371,17 @@ def lowering_blocker(module: nn.Module, node: Node) -> str | None:
     return None
 
 
+def _get_attr_before(graph: Graph, target: str, anchor: Node) -> Node:
+    """A get_attr node of ``target`` placed before ``anchor``: an existing one (moved if needed) or a new one."""
+    for n in graph.find_nodes(op="get_attr", target=target):
+        # NB: moves n right before anchor if it came later (it has no inputs, its users come after it).
+        order = {x: i for i, x in enumerate(graph.nodes)}
+        if order[n] > order[anchor]:
+            anchor.prepend(n)
+        return n
+    return graph.get_attr(target)
+
+
 def lower_module_call(gm: nn.Module, node: Node, graph: Graph | None = None) -> Node:
     """Replace the ``call_module`` ``node`` of a Linear / Conv / ConvTranspose by the functional op it runs.
 
@@ -386,8 +397,8 @@ def lower_module_call(gm: nn.Module, node: Node, graph: Graph | None = None) -> 
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     family = _stock_family(module)
     with graph.inserting_before(node):
-        w = graph.get_attr(f"{node.target}.weight")
-        b = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        w = _get_attr_before(graph, f"{node.target}.weight", node)
+        b = _get_attr_before(graph, f"{node.target}.bias", node) if module.bias is not None else None
         if family is nn.Linear:
             target, args = F.linear, (x, w, b)
         elif issubclass(family, nn.modules.conv._ConvTransposeNd):
