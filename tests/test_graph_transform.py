@@ -363,3 +363,60 @@ def test_filter_fn_sees_owner_and_fqn():
     assert ("Linear", "0") in seen and ("Linear", "2") in seen
     assert gm.spectral_weights == [("2.weight", 0)]
     assert "weight_u" not in model[0]._buffers
+
+
+def test_several_power_iterations_match_torch():
+    base = nn.Linear(6, 5)
+    ref = torch_spectral_norm(copy.deepcopy(base), n_power_iterations=3)
+    gm = transform(nn.Sequential(copy.deepcopy(base)), n_power_iterations=3)
+    layer = gm.get_submodule("0")
+    layer.weight_u.copy_(ref.parametrizations.weight[0]._u)
+    layer.weight_v.copy_(ref.parametrizations.weight[0]._v)
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    targets = [torch.randn(4, 5) for _ in range(3)]
+    for a, b in zip(_train(gm, xs, targets), _train(ref, xs, targets)):
+        torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(layer.weight_u, ref.parametrizations.weight[0]._u, **TOL)
+
+
+def test_float64_weights_compute_in_float64():
+    base = nn.Conv1d(3, 4, 3).double()
+    ref = fx_spectral.spectral_norm(copy.deepcopy(base))
+    gm = transform(nn.Sequential(copy.deepcopy(base)))
+    layer = gm.get_submodule("0")
+    layer.weight_u.copy_(ref.weight_u)
+    layer.weight_v.copy_(ref.weight_v)
+    assert ".float()" not in gm.code
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(gm(x), ref(x), atol=1e-12, rtol=1e-12)
+    assert layer.weight_u.dtype == torch.float32
+
+
+def test_spectral_pass_eval_graph_has_no_mutation():
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    pm = spectral_pass(torch.export.export(model, (x,)).module(), training=False)
+    assert "copy_" not in pm.code
+    ep = torch.export.export(pm, (x,)).run_decompositions()
+    assert ep.graph_signature.buffers_to_mutate == {}
+
+
+def test_conflicting_dims_raise_and_leave_model_unchanged(module_snapshot):
+    class Conflict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.lazy = nn.LazyLinear(2)
+            self.k = nn.Parameter(torch.randn(4, 4, 1))
+
+        def forward(self, x):
+            h = self.lazy(self.fc(x))
+            y = F.conv1d(h.unsqueeze(-1).expand(-1, -1, 4).transpose(1, 2)[:, :4], self.k)
+            return y, F.conv_transpose1d(y, self.k)
+
+    snap, same = module_snapshot
+    model = Conflict()
+    before = snap(model)
+    with pytest.raises(ValueError, match=r"'k' is used with different output dims \[0, 1\]"):
+        transform(model, name=None)
+    same(before, snap(model))

@@ -261,9 +261,10 @@ def _trace(model: nn.Module, concrete_args) -> Graph:
     return graph
 
 
-def _lower_leaves(gm: nn.Module, graph: Graph, cfg: SpectralConfig) -> None:
-    """Turn the module leaves into functional ops on get_attr weights (or hand them to the eager API)."""
-    # NB: edits gm.graph in place; Lazy and other leaves that cannot be lowered get the eager API.
+def _lower_leaves(gm: nn.Module, graph: Graph, cfg: SpectralConfig) -> list[nn.Module]:
+    """Turn the module leaves into functional ops on get_attr weights; returns those left to the eager API."""
+    # NB: edits graph in place (the modules are not touched here).
+    deferred = []
     for node in list(graph.nodes):
         if node.op != "call_module":
             continue
@@ -282,7 +283,8 @@ def _lower_leaves(gm: nn.Module, graph: Graph, cfg: SpectralConfig) -> None:
         else:
             # Lazy modules (shapes unknown until their first forward), ConvTranspose called with
             # output_size: the eager API normalizes them inside their forward, with the same state.
-            sn.spectral_norm(module, "weight", n_power_iterations=cfg.n_power_iterations, eps=cfg.eps)
+            deferred.append(module)
+    return deferred
 
 
 def _merge_get_attrs(graph: Graph) -> None:
@@ -300,7 +302,7 @@ def _merge_get_attrs(graph: Graph) -> None:
 
 
 def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig) -> tuple[_Weight, ...]:
-    """The get_attr weights of ``graph`` to normalize; creates their u/v buffers on ``root``'s submodules."""
+    """The get_attr weights of ``graph`` to normalize, validated (nothing is mutated)."""
     plan: list[_Weight] = []
     for w, uses in find_weight_uses(graph).items():
         if w.op != "get_attr":
@@ -323,26 +325,37 @@ def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig) -> tuple[_Weight, 
             raise ValueError(
                 f"transform: weight {where!r} must be a floating-point tensor with >= 2 dims, got {type(weight)}"
             )
-        _ensure_uv(owner, attr, weight, dim, cfg.eps, where)
+        _check_existing_uv(owner, attr, weight, dim, where)
         plan.append(_Weight(w.target, owner_path, attr, dim, cfg.eps))
     return tuple(plan)
 
 
-def _ensure_uv(owner: nn.Module, attr: str, weight: torch.Tensor, dim: int, eps: float, where: str) -> None:
-    # NB: registers float32 buffers {attr}_u / {attr}_v on the owning module (shared with the model).
+def _check_existing_uv(owner: nn.Module, attr: str, weight: torch.Tensor, dim: int, where: str) -> None:
     rows = weight.shape[dim]
     cols = weight.numel() // rows
     u, v = owner._buffers.get(attr + "_u"), owner._buffers.get(attr + "_v")
-    if u is not None and v is not None:
-        if u.shape != (rows,) or v.shape != (cols,) or u.dtype != torch.float32:
-            raise ValueError(
-                f"transform: {where}_u / {where}_v exist with shapes {tuple(u.shape)}, {tuple(v.shape)}; "
-                f"expected float32 ({rows},), ({cols},)"
-            )
-        return  # reuse: the same model transformed twice, or a loaded checkpoint
-    u, v = sn._init_uv(weight, dim, eps)
-    owner.register_buffer(attr + "_u", u)
-    owner.register_buffer(attr + "_v", v)
+    if u is None and v is None:
+        return
+    if u is None or v is None or u.shape != (rows,) or v.shape != (cols,) or u.dtype != torch.float32:
+        shapes = [None if t is None else (tuple(t.shape), t.dtype) for t in (u, v)]
+        raise ValueError(
+            f"transform: {where}_u / {where}_v exist as {shapes}; expected float32 vectors of "
+            f"length {rows} and {cols} (remove them, or load a matching checkpoint after transform)"
+        )
+
+
+def _commit(root: nn.Module, plan: tuple[_Weight, ...], deferred: list[nn.Module], cfg: SpectralConfig) -> None:
+    """Create the u/v buffers (reusing existing ones) and hand the deferred leaves to the eager API."""
+    # NB: mutates the model's modules: float32 buffers {attr}_u / {attr}_v on each owner.
+    for w in plan:
+        owner = root.get_submodule(w.owner)
+        if w.attr + "_u" in owner._buffers:
+            continue  # reuse: the same model transformed twice, or a loaded checkpoint
+        u, v = sn._init_uv(getattr(owner, w.attr), w.dim, w.eps)
+        owner.register_buffer(w.attr + "_u", u)
+        owner.register_buffer(w.attr + "_v", v)
+    for module in deferred:
+        sn.spectral_norm(module, "weight", n_power_iterations=cfg.n_power_iterations, eps=cfg.eps)
 
 
 def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: SpectralConfig, training: bool) -> None:
@@ -388,9 +401,10 @@ def spectral_pass(
         >>> ep2 = torch.export.export(gm, (x,))  # re-export with the normalization inside
     """
     cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps)
-    _lower_leaves(gm, gm.graph, cfg)
+    deferred = _lower_leaves(gm, gm.graph, cfg)
     _merge_get_attrs(gm.graph)
     plan = _plan(gm, gm.graph, cfg)
+    _commit(gm, plan, deferred, cfg)
     _rewrite(gm, gm.graph, plan, cfg, training)
     gm.recompile()
     return gm
@@ -460,9 +474,10 @@ def transform(
     else:
         raise TypeError(f"transform: expected an nn.Module or a GraphModule, got {type(model).__name__}")
     graph.owning_module = model
-    _lower_leaves(model, graph, cfg)
+    deferred = _lower_leaves(model, graph, cfg)
     _merge_get_attrs(graph)
     plan = _plan(model, graph, cfg)
+    _commit(model, plan, deferred, cfg)
     out = SpectralGraphModule(model, graph, plan, cfg)
     _install_owners(out, model, plan)
     out.meta.update(getattr(model, "meta", {}))
