@@ -21,8 +21,8 @@ Structure (so other pieces can hook in):
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import functools
+import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -347,6 +347,17 @@ class _Target:
         return self.fqn if key is None else f"{self.fqn}[{key}]"
 
 
+@functools.lru_cache(maxsize=1024)
+def _glob(pattern: str) -> re.Pattern:
+    # Only * (any run of characters, dots included) and ? are wildcards; everything else, brackets
+    # too, is literal, so "layers.*.wqkv.weight[q]" names a split sub-view.
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern))
+
+
+def _match(name: str, pattern: str) -> bool:
+    return _glob(pattern).fullmatch(name) is not None
+
+
 def _owners(model: nn.Module) -> dict[int, tuple[str, list[tuple[str, nn.Module]]]]:
     # id(param) -> (fqn as named_parameters spells it, [(module fqn, module) for every owner])
     owners: dict[int, tuple[str, list]] = {}
@@ -395,7 +406,7 @@ def _resolve_w_max(w_max, name: str, parent: str) -> float:
     if name in w_max:
         return float(w_max[name])
     for pattern, value in w_max.items():
-        if fnmatch.fnmatchcase(name, pattern) or (name != parent and fnmatch.fnmatchcase(parent, pattern)):
+        if _match(name, pattern) or (name != parent and _match(parent, pattern)):
             return float(value)
     raise ValueError(f"constrain: no w_max pattern matches {name!r}; patterns: {list(w_max)} (add a '*' entry)")
 
@@ -697,7 +708,7 @@ def constrain(
     all_fqns = [fqn for fqn, _ in owners.values()]
     for what, pats in (("include", includes), ("exclude", excludes)):
         for pat in pats:
-            if not any(fnmatch.fnmatchcase(f, pat) for f in all_fqns):
+            if not any(_match(f, pat) for f in all_fqns):
                 raise ValueError(f"constrain: {what} pattern {pat!r} matches no parameter of the model")
     in_optimizer = _param_owner(optimizer)
 
@@ -705,8 +716,8 @@ def constrain(
     for mod_name_params in model.named_parameters():
         fqn, p = mod_name_params
         _, owner_list = owners[id(p)]
-        selected = any(fnmatch.fnmatchcase(fqn, pat) for pat in includes) if includes else _default_selected(owner_list)
-        if not selected or any(fnmatch.fnmatchcase(fqn, pat) for pat in excludes):
+        selected = any(_match(fqn, pat) for pat in includes) if includes else _default_selected(owner_list)
+        if not selected or any(_match(fqn, pat) for pat in excludes):
             continue
         module = owner_list[0][1]
         if filter_fn is not None and not filter_fn(module, fqn):
@@ -726,7 +737,8 @@ def constrain(
         if views is not None:
             if not isinstance(views, Mapping) or not views:
                 raise TypeError(
-                    f"constrain: split({fqn!r}, param) must return a non-empty dict of views or None, got {type(views).__name__}"
+                    f"constrain: split({fqn!r}, param) must return a non-empty dict of views or None, "
+                    f"got {type(views).__name__}"
                 )
             for key, view in views.items():
                 if not isinstance(view, Tensor) or view.ndim < 2:
@@ -748,7 +760,7 @@ def constrain(
     if isinstance(w_max, Mapping):
         names = [t.name(k) for t in targets for k in t.w_max]
         for pat in w_max:
-            if not any(n == pat or fnmatch.fnmatchcase(n, pat) for n in names + [t.fqn for t in targets]):
+            if not any(n == pat or _match(n, pat) for n in names + [t.fqn for t in targets]):
                 raise ValueError(f"constrain: w_max pattern {pat!r} matches no selected weight; selected: {names[:8]}…")
     if any(_is_dtensor(t.param) for t in targets):
         _distributed()  # NotImplementedError before anything is registered, if unavailable
@@ -778,7 +790,7 @@ def _activation_modules(model: nn.Module, targets: list[_Target], track) -> list
                     out.append((mod_name, mod))
         return out
     patterns = _patterns(track, "track_activations")
-    out = [(n, m) for n, m in named if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    out = [(n, m) for n, m in named if n and any(_match(n, p) for p in patterns)]
     if not out:
         raise ValueError(f"constrain: track_activations patterns {list(patterns)} match no module")
     return out
