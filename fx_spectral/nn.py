@@ -46,7 +46,9 @@ __all__ = [
     "SUPPORTED_MODULES",
 ]
 
-N_WARMUP_ITERATIONS = 15
+# torch runs 15 in _SpectralNorm.__init__ plus one more when register_parametrization checks the
+# parametrization with a training forward: 16 gives torch's initial u/v for the same RNG state.
+N_WARMUP_ITERATIONS = 16
 
 _LINEAR = (nn.Linear,)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -174,21 +176,23 @@ def _divide(weight: Tensor, sigma: Tensor) -> Tensor:
 class _DivideBySigma(torch.autograd.Function):
     """``W / sigma`` with sigma = uᵀ W v, and a fused backward (3 passes over W instead of ~7).
 
-    The backward is first-order only (``once_differentiable``); first-order gradients through a
-    gradient penalty (WGAN-GP, R1) do not need more.
+    Under ``create_graph=True`` the backward differentiates a recomputation instead, so that
+    double backward (Hessian-vector products w.r.t. W) works as with torch's spectral_norm.
     """
 
     @staticmethod
     def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
         out = _divide(weight, sigma)
-        ctx.save_for_backward(out, u, v, sigma)
+        ctx.save_for_backward(out, u, v, sigma, weight)
         ctx.dim = dim
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        out, u, v, sigma = ctx.saved_tensors
+        out, u, v, sigma, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            w_bar = _divide(weight, _sigma_with_grad(weight, u, v, sigma, ctx.dim))
+            return torch.autograd.grad(w_bar, weight, grad, create_graph=True)[0], None, None, None, None
         g = grad.to(sigma.dtype)
         # c = <G, W/sigma>: the part of G along the direction that only rescales W.
         if out.dtype == sigma.dtype:
@@ -199,6 +203,12 @@ class _DivideBySigma(torch.autograd.Function):
         # NB: in place on the fresh grad_w: grad_w -= (c / sigma) u v^T, in the matrix view.
         _add_outer_(grad_w, u * (-c / sigma), v, ctx.dim)
         return grad_w.to(grad.dtype), None, None, None, None
+
+
+def _sigma_with_grad(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
+    """``sigma``'s value with the gradient of uᵀ W v (u, v constants): for differentiable backwards."""
+    s = torch.dot(u, torch.mv(weight_matrix(weight.to(sigma.dtype), dim), v))
+    return s - s.detach() + sigma
 
 
 @torch.no_grad()
@@ -338,10 +348,25 @@ class _OpOverSigma(torch.autograd.Function):
         return z_over_sigma + (bias if conv_args is None else bias.view(-1, *[1] * (z.dim() - 2)))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight, u, v, sigma, z_over_sigma = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            # create_graph=True (R1 / WGAN-GP penalties): differentiate a recomputation instead,
+            # so that this backward is itself differentiable w.r.t. x and W (sigma's term included).
+            w_bar = weight / _sigma_with_grad(weight, u, v, sigma, ctx.dim)
+            if ctx.conv_args is None:
+                out = F.linear(x, w_bar)
+            else:
+                out = torch.ops.aten.convolution(x, w_bar, None, *ctx.conv_args)
+            wanted = [t for t, need in ((x, need_x), (weight, need_w)) if need]
+            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            grad_x, grad_w = next(grads) if need_x else None, next(grads) if need_w else None
+            grad_b = None
+            if need_b:
+                dims = [d for d in range(grad.dim()) if d != (grad.dim() - 1 if ctx.conv_args is None else 1)]
+                grad_b = grad.sum(dims)
+            return grad_x, grad_w, grad_b, None, None, None, None, None
         g = grad / sigma
         grad_x = grad_w = grad_b = None
         if ctx.conv_args is None:
@@ -532,7 +557,9 @@ def _param_config(module: nn.Module, name: str, dim: int | None, n_iter: int, ep
         raise ValueError(f"{where}: parameter {name!r} of {kind} is already spectral-normalized; remove it first")
     taken = [n for n in (name + "_u", name + "_v") if hasattr(module, n)]
     if taken:
-        raise ValueError(f"{where}: {kind} already has an attribute {taken[0]!r}, where the power-iteration vector goes")
+        raise ValueError(
+            f"{where}: {kind} already has an attribute {taken[0]!r}, where the power-iteration vector goes"
+        )
     if is_lazy(param):
         if not (isinstance(module, SUPPORTED_MODULES) and isinstance(module, LazyModuleMixin) and name == "weight"):
             raise ValueError(

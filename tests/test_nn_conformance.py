@@ -104,7 +104,7 @@ def test_matches_torch_n_power_iterations_3(factory, shape):
 
 @pytest.mark.parametrize("factory,shape", [c[1:] for c in CASES[::2]], ids=IDS[::2])
 def test_same_seed_same_initial_uv(factory, shape):
-    """Same RNG state -> the same initial u/v as torch (same draws, same 15 warm-up steps)."""
+    """Same RNG state -> the same initial u/v as torch (same draws, same 15 + 1 warm-up steps)."""
     base = factory()
     torch.manual_seed(123)
     ref = torch_spectral_norm(copy.deepcopy(base))
@@ -165,7 +165,7 @@ def test_generic_modules_match_torch_bilinear_and_two_names():
         def __init__(self):
             super().__init__()
             self.a = nn.Parameter(torch.randn(6, 4))
-            self.b = nn.Parameter(torch.randn(3, 2, 6))
+            self.b = nn.Parameter(torch.randn(6, 2, 3))
             self.register_buffer("scale", torch.tensor(2.0))
 
         def forward(self, x):
@@ -290,3 +290,26 @@ def test_gradient_penalty_matches_torch(which):
             model.zero_grad()
         for g_ref, g_ours in zip(*grads):
             torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(16, 8), (2, 16)),  # output smaller than the weight
+    (lambda: nn.Linear(4, 8), (64, 4)),  # output larger than the weight
+    (lambda: nn.Conv2d(8, 16, 3), (1, 8, 4, 4)),
+    (lambda: nn.ConvTranspose1d(4, 4, 3, stride=2), (8, 4, 16)),
+], ids=["linear_small_out", "linear_big_out", "conv2d", "convT1d"])
+def test_hessian_vector_product_wrt_weight_matches_torch(factory, shape):
+    """Double backward w.r.t. the weight (create_graph=True, then backward again)."""
+    ref, ours = make_pair(factory)
+    x = torch.randn(shape)
+    vec = None
+    results = []
+    for model, w in ((ref, ref.parametrizations.weight.original), (ours, ours.weight)):
+        out = model(x)
+        loss = (out.square() * out.detach().sign()).mean()
+        (gw,) = torch.autograd.grad(loss, w, create_graph=True)
+        vec = torch.randn_like(gw) if vec is None else vec
+        (gw * vec).sum().backward()
+        results.append((gw.detach(), w.grad.clone()))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-5)

@@ -19,10 +19,12 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 # (id, lazy factory, eager twin factory, input shape)
 CASES = [
     ("linear", lambda: nn.LazyLinear(5), lambda: nn.Linear(7, 5), (3, 7)),
-    ("conv1d", lambda: nn.LazyConv1d(6, 3, stride=2, groups=2), lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2), (2, 4, 9)),
+    ("conv1d", lambda: nn.LazyConv1d(6, 3, stride=2, groups=2),
+     lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2), (2, 4, 9)),
     ("conv2d", lambda: nn.LazyConv2d(4, 3, padding=1), lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
     ("conv3d", lambda: nn.LazyConv3d(3, 2, bias=False), lambda: nn.Conv3d(2, 3, 2, bias=False), (1, 2, 4, 4, 4)),
-    ("convT1d", lambda: nn.LazyConvTranspose1d(3, 3, stride=2), lambda: nn.ConvTranspose1d(4, 3, 3, stride=2), (2, 4, 5)),
+    ("convT1d", lambda: nn.LazyConvTranspose1d(3, 3, stride=2),
+     lambda: nn.ConvTranspose1d(4, 3, 3, stride=2), (2, 4, 5)),
     ("convT2d", lambda: nn.LazyConvTranspose2d(6, 3, groups=2, stride=2),
      lambda: nn.ConvTranspose2d(4, 6, 3, groups=2, stride=2), (2, 4, 4, 4)),
     ("convT3d", lambda: nn.LazyConvTranspose3d(2, 2), lambda: nn.ConvTranspose3d(3, 2, 2), (1, 3, 3, 3, 3)),
