@@ -7,7 +7,7 @@ rounds and ratios against plain eager and against the best plain variant (eager 
 
 Run::
 
-    python benchmarks/step_overhead.py                 # all models, 15 rounds
+    python benchmarks/step_overhead.py                 # all models, 21 rounds
     python benchmarks/step_overhead.py --quick         # smoke run (a few rounds)
     python benchmarks/step_overhead.py --models mlp gpt --rounds 30 --markdown out.md
 
@@ -204,6 +204,7 @@ VARIANTS: dict[str, Callable[[nn.Module], Callable]] = {
     "torch SN eager": torch_spectral_norm,
     "torch SN inductor": lambda m: torch.compile(torch_spectral_norm(m)),
     "fx_spectral eager": fx_spectral_eager,
+    "fx_spectral eager + inductor": lambda m: torch.compile(fx_spectral_eager(m)),
 }
 #: Variants the "best plain" ratio is taken against.
 PLAIN = ("plain eager", "plain inductor")
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3, help="steps after the first call, before timing")
     parser.add_argument("--round-seconds", type=float, default=0.1, help="target time of one variant's turn in a round")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 warm-up step")
