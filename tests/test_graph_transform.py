@@ -278,7 +278,7 @@ def test_pass_on_exported_program_module():
 
 
 def test_bake_transformed_module_exports_and_loads_without_fx_spectral(tmp_path):
-    model = _gan_like()
+    model = nn.Sequential(_gan_like(), nn.LazyLinear(2))  # the Lazy leaf goes through the eager API
     gm = transform(model)
     x = torch.randn(2, 3, 6, 6)
     for _ in range(3):
