@@ -431,7 +431,8 @@ def _rewritten(
                 last = graph.placeholder(re.sub(r"\W|^(?=\d)", "_", f"{s.where}{k}"))
             uv.append(last)
     uses = find_weight_uses(graph)
-    for j, (s, train) in enumerate(zip(slots, training)):
+    # each weight's nodes go right after the placeholders: in reverse, so they read in graph order
+    for j, (s, train) in reversed(list(enumerate(zip(slots, training)))):
         w = placeholders[s.index]
         rewrite_weight(
             graph,
@@ -480,7 +481,7 @@ class _SpectralGraph:
         self.variants: dict[tuple[bool, ...], Callable] = {}
         modes = [self._mode()] + ([(True,) * len(slots), (False,) * len(slots)] if dynamic else [])
         for mode in dict.fromkeys(modes):
-            self._compile(mode, list(example_inputs))
+            self._compile(mode, list(example_inputs), _static_fakes(self._uv()))
 
     def _mode(self) -> tuple[bool, ...]:
         return tuple(s.module.training for s in self.slots)
@@ -491,17 +492,30 @@ class _SpectralGraph:
             out += (module._buffers[ku], module._buffers[kv])
         return out
 
-    def _compile(self, mode: tuple[bool, ...], inputs: list) -> Callable:
+    def _compile(self, mode: tuple[bool, ...], inputs: list, uv: list) -> Callable:
         gm = _rewritten(self.gm, self.slots, mode, self.config)
-        fn = self.variants[mode] = _inner_compile(self.config, gm, inputs + self._uv(), self.dynamic)
+        fn = self.variants[mode] = _inner_compile(self.config, gm, inputs + uv, self.dynamic)
         return fn
 
     def __call__(self, *args):
         mode = self._mode()
         fn = self.variants.get(mode)
         if fn is None:
-            fn = self._compile(mode, list(args))
+            fn = self._compile(mode, list(args), self._uv())
         return fn(*args, *self._uv())  # dynamo's convention: unboxed, even where fn has _boxed_call
+
+
+def _static_fakes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` as static-shape fake tensors of dynamo's fake mode (real ones outside dynamo).
+
+    aot_autograd gives a real input that dynamo did not fakify fresh *symbolic* sizes; u/v would
+    then make inductor emit dynamic-shape kernels and, where they meet the batch dimension, make
+    dynamo specialize a graph compiled with ``dynamic=True``.
+    """
+    ctx = torch._guards.TracingContext.try_get()
+    if ctx is None or ctx.fake_mode is None:
+        return tensors
+    return [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _is_dynamic(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
