@@ -229,12 +229,20 @@ def test_copy_survives_dead_code_elimination():
     assert sum(n.target is torch.ops.aten.copy_.default for n in gm.train_graph.nodes) == 2
 
 
-def test_deepcopy_keeps_both_graphs():
-    gm = transform(nn.Sequential(nn.Linear(4, 3)))
+def test_deepcopy_and_pickle_keep_both_graphs(tmp_path):
+    conv = nn.Conv1d(2, 3, 3, padding=1, padding_mode="circular")
+    gm = transform(nn.Sequential(conv, nn.Flatten(), nn.Linear(12, 3)))
     gm2 = copy.deepcopy(gm)
     assert isinstance(gm2, SpectralGraphModule) and gm2.eval_code == gm.eval_code
-    x = torch.randn(2, 4)
-    torch.testing.assert_close(gm2(x), gm(x))
+    torch.save(gm, tmp_path / "gm.pt")
+    gm3 = torch.load(tmp_path / "gm.pt", weights_only=False)
+    assert isinstance(gm3, SpectralGraphModule) and sorted(gm3.state_dict()) == sorted(gm.state_dict())
+    x = torch.randn(2, 2, 4)
+    for mode in (True, False, True):
+        outs = [m.train(mode)(x) for m in (gm, gm2, gm3)]
+        torch.testing.assert_close(outs[1], outs[0])
+        torch.testing.assert_close(outs[2], outs[0])
+    torch.testing.assert_close(gm3.get_submodule("0").weight_u, gm.get_submodule("0").weight_u)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ module owning the weight (DESIGN §2), so ``state_dict`` keys equal the eager AP
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -86,8 +87,8 @@ class SpectralGraphModule(GraphModule):
     either in place and call ``recompile()``. Both are generated from the plain graph (the model
     with its module leaves lowered to functional ops) and regenerated when ``.to()`` changes a
     weight's dtype (the casts depend on it; u/v stay float32). ``spectral_weights`` lists the
-    normalized weights as ``(target, dim)``. ``copy.deepcopy`` works; pickling is refused (save
-    the ``state_dict`` and transform again).
+    normalized weights as ``(target, dim)``. ``copy.deepcopy`` and pickling
+    (``torch.save(gm)``) keep both modes; ``filter_fn`` is not pickled.
     """
 
     def __init__(self, root: nn.Module, plain_graph: Graph, weights: tuple[_Weight, ...], config: SpectralConfig):
@@ -197,8 +198,8 @@ class SpectralGraphModule(GraphModule):
         cls.forward = forward
         return python_code
 
-    def _parts(self):
-        # The module tree, the plain graph and the plan, for deepcopy.
+    def _holder(self) -> nn.Module:
+        # A plain module with this module's tree (real owners, u/v) and the attributes the graphs read.
         holder = nn.Module()
         holder._modules = dict(self._modules)
         holder._parameters = dict(self._parameters)
@@ -207,16 +208,20 @@ class SpectralGraphModule(GraphModule):
         for name in {n.target.split(".")[0] for g in graphs for n in g.nodes if n.op == "get_attr"}:
             if not hasattr(holder, name):
                 setattr(holder, name, getattr(self, name))
-        return (holder, self._sn_plain_graph, self._sn_weights, self._sn_config, self.training)
+        return holder
 
     def __reduce__(self):
-        raise TypeError(
-            "SpectralGraphModule cannot be pickled (torch.save of the module): save its state_dict and call "
-            "fx_spectral.transform(model) again to load it, or bake() it and save the exported program"
-        )
+        # Graphs do not pickle (builtin targets); GraphModule pickles as code and re-traces it, which
+        # is safe for the plain graph (no buffer-only ops to constant-fold). filter_fn is not kept
+        # (it only mattered when the weights were chosen).
+        holder = self._holder()
+        plain = GraphModule(holder, copy.deepcopy(self._sn_plain_graph))
+        config = dataclasses.replace(self._sn_config, filter_fn=None)
+        return (_unpickle, (holder, plain, self._sn_weights, config, self.training))
 
     def __deepcopy__(self, memo):
-        res = _rebuild(*copy.deepcopy(self._parts(), memo))
+        parts = (self._holder(), self._sn_plain_graph, self._sn_weights, self._sn_config, self.training)
+        res = _rebuild(*copy.deepcopy(parts, memo))
         memo[id(self)] = res
         return res
 
@@ -226,6 +231,13 @@ def _rebuild(root: nn.Module, plain_graph: Graph, weights, config, training: boo
     _install_owners(gm, root, weights)
     gm.training = training
     return gm
+
+
+def _unpickle(holder: nn.Module, plain: GraphModule, weights, config, training: bool) -> SpectralGraphModule:
+    for node in plain.graph.nodes:  # constants the re-trace created live on `plain`
+        if node.op == "get_attr" and "." not in node.target and not hasattr(holder, node.target):
+            setattr(holder, node.target, getattr(plain, node.target))
+    return _rebuild(holder, plain.graph, weights, config, training)
 
 
 def _resolve(root: nn.Module, target: str):
