@@ -296,6 +296,7 @@ def _conv_forward(self, input: Tensor) -> Tensor:
     if (
         self.padding_mode == "zeros"
         and not isinstance(self.padding, str)
+        and input.dim() == len(self.kernel_size) + 2  # aten.convolution wants a batch dim
         and _divide_output(self, input, _conv_out_numel(self, input, False))
     ):
         conv_args = (self.stride, self.padding, self.dilation, False, (0,) * len(self.kernel_size), self.groups)
@@ -313,7 +314,7 @@ def _conv_transpose_forward(self, input: Tensor, output_size: list[int] | None =
     output_padding = self._output_padding(
         input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
     )
-    if _divide_output(self, input, _conv_out_numel(self, input, True, output_padding)):
+    if input.dim() == n + 2 and _divide_output(self, input, _conv_out_numel(self, input, True, output_padding)):
         conv_args = (self.stride, self.padding, self.dilation, True, tuple(output_padding), self.groups)
         return _op_over_sigma(self, input, conv_args)
     return _CONV_T_FN[n](

@@ -94,6 +94,47 @@ def test_matches_torch_three_sgd_steps_then_eval(factory, shape):
     run_and_compare(ref, ours, shape)
 
 
+# Outputs smaller than the weight (the eager route may divide the output instead of the weight),
+# and unbatched inputs, which torch's modules accept.
+SMALL_OUTPUT_CASES = [
+    ("linear_unbatched", lambda: nn.Linear(16, 8), (16,)),
+    ("conv1d_unbatched", lambda: nn.Conv1d(8, 8, 3), (8, 5)),
+    ("conv2d_small_out", lambda: nn.Conv2d(8, 16, 3, stride=2), (1, 8, 5, 5)),
+    ("conv2d_unbatched", lambda: nn.Conv2d(4, 8, 3), (4, 5, 5)),
+    ("conv3d_grouped_small_out", lambda: nn.Conv3d(8, 8, 3, groups=4, bias=False), (1, 8, 3, 3, 3)),
+    ("convT1d_small_out", lambda: nn.ConvTranspose1d(16, 8, 3), (1, 16, 1)),
+    ("convT2d_grouped_small_out", lambda: nn.ConvTranspose2d(8, 8, 3, groups=2, stride=2), (1, 8, 1, 1)),
+    ("convT2d_unbatched", lambda: nn.ConvTranspose2d(8, 4, 3), (8, 2, 2)),
+    ("convT3d_small_out", lambda: nn.ConvTranspose3d(8, 4, 2, bias=False), (1, 8, 1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("factory,shape", [c[1:] for c in SMALL_OUTPUT_CASES], ids=[c[0] for c in SMALL_OUTPUT_CASES])
+def test_matches_torch_small_outputs_and_unbatched(factory, shape):
+    ref, ours = make_pair(factory)
+    run_and_compare(ref, ours, shape)
+
+
+def test_matches_torch_with_inplace_activations():
+    """An in-place op on the output must not corrupt what backward saved."""
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 8, bias=False),
+                         nn.LeakyReLU(0.1, inplace=True), nn.Unflatten(1, (8, 1)),
+                         nn.Conv1d(8, 16, 1, bias=False), nn.ReLU(inplace=True))
+    ref, ours = copy.deepcopy(base), copy.deepcopy(base)
+    for i in (0, 2, 5):
+        torch_spectral_norm(ref[i])
+        spectral_norm(ours[i])
+        with torch.no_grad():
+            ours[i].weight_u.copy_(torch_uv(ref[i])[0]), ours[i].weight_v.copy_(torch_uv(ref[i])[1])
+    x = torch.randn(2, 16)
+    yr, yo = ref(x), ours(x)
+    torch.testing.assert_close(yo, yr, **TOL)
+    g = torch.randn_like(yr)
+    yr.backward(g), yo.backward(g)
+    for i in (0, 2, 5):
+        torch.testing.assert_close(ours[i].weight.grad, ref[i].parametrizations.weight.original.grad, **TOL)
+
+
 @pytest.mark.parametrize(
     "factory,shape", [CASES[i][1:] for i in (0, 4, 10)], ids=[CASES[i][0] for i in (0, 4, 10)]
 )
