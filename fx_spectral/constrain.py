@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from fx_spectral import constraints as C
 from fx_spectral.nn import SUPPORTED_MODULES, default_dim, weight_matrix
@@ -724,6 +725,10 @@ def constrain(
             continue
         if id(p) not in in_optimizer:
             continue  # not updated by this optimizer
+        if is_lazy(p):
+            raise ValueError(
+                f"constrain: {fqn!r} is an uninitialized (Lazy module) parameter; run one forward pass first"
+            )
         if p.ndim < 2:
             raise ValueError(
                 f"constrain: selected parameter {fqn!r} has shape {tuple(p.shape)}, not a matrix; "

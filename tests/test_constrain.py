@@ -355,3 +355,29 @@ def test_handle_type_and_repr():
     model = mlp()
     handle = constrain(model, torch.optim.SGD(model.parameters(), lr=0.1), "hard_cap")
     assert isinstance(handle, Constraint) and "HardCap" in repr(handle)
+
+
+def test_optimizer_container_keeps_vectors_in_member_state():
+    """A container optimizer with an ``optimizers`` list (as TorchTitan's OptimizersContainer):
+    hooks on the container, vectors in the member optimizer that owns the parameter."""
+
+    class Container(torch.optim.Optimizer):
+        def __init__(self, optimizers):
+            self.optimizers = optimizers
+            params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for o in self.optimizers:
+                o.step()
+
+    model = mlp()
+    members = [torch.optim.SGD(model[0].parameters(), lr=0.1), torch.optim.AdamW(model[2].parameters(), lr=0.01)]
+    container = Container(members)
+    handle = constrain(model, container, "spectral_normalize", w_max=0.5)
+    assert handle.names == ["0.weight", "2.weight"]
+    model(torch.randn(4, 8)).sum().backward()
+    container.step()
+    assert "spectral_u" in members[1].state[model[2].weight]
+    assert rms_norm(model[2].weight) <= 0.5 * 1.02
+    assert not container.state  # nothing written to the container's own (unsaved) state
