@@ -428,3 +428,32 @@ def test_conflicting_dims_raise_and_leave_model_unchanged(module_snapshot):
     with pytest.raises(ValueError, match=r"'k' is used with different output dims \[0, 1\]"):
         transform(model, name=None)
     same(before, snap(model))
+
+
+def test_autocast_guard_keeps_the_estimate_in_float32():
+    # transform emits the guard for CUDA weights; the same nodes, for CPU, checked under CPU autocast
+    from fx_spectral.graph import find_weight_uses, insert_normalization
+
+    model = nn.Linear(8, 4)
+    gm = torch.fx.symbolic_trace(model)
+    u, v = fx_spectral.nn._init_uv(model.weight, 0, 1e-12)
+    gm.register_buffer("weight_u", u.clone())
+    gm.register_buffer("weight_v", v.clone())
+    graph = gm.graph
+    (w, uses), = find_weight_uses(graph).items()
+    with graph.inserting_before(w.next):
+        un, vn = graph.get_attr("weight_u"), graph.get_attr("weight_v")
+    new = insert_normalization(
+        graph, w, un, vn, dim=0, n_power_iterations=1, eps=1e-12, training=True, autocast_off="cpu"
+    )
+    uses[0][0].replace_input_with(w, new)
+    gm.recompile()
+    assert "_enter_autocast('cpu', None, False, None)" in gm.code and "_exit_autocast" in gm.code
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gm(x)
+        ref = F.linear(x, fx_spectral.nn.normalize_weight(model.weight, u, v), model.bias)
+        assert torch.is_autocast_enabled("cpu")  # restored after the region
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gm.weight_u, u)

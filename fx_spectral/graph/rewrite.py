@@ -30,6 +30,7 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch.fx import Graph, Node
 
 from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS, is_aten_op, weight_arg, weight_dim, weight_op
@@ -185,6 +186,7 @@ def insert_normalization(
     use_aten: bool | None = None,
     weight_dtype: torch.dtype | None = None,
     weight_ndim: int | None = None,
+    autocast_off: str | None = None,
 ) -> Node:
     r"""Insert the nodes computing ``weight / sigma`` and return the node of the normalized weight.
 
@@ -219,6 +221,11 @@ def insert_normalization(
             default: from ``weight.meta`` (``val`` / ``example_value`` / ``tensor_meta``) or the
             ``get_attr`` target in ``graph.owning_module``. They only choose which casts and views
             are emitted (a 2-D weight with ``dim=0`` needs no flatten, a float32 one no cast).
+        autocast_off: a device type (``"cuda"``): wrap the emitted nodes in
+            ``torch.amp.autocast_mode._enter_autocast(device, None, False, None)`` /
+            ``_exit_autocast`` (the form dynamo uses for ``with torch.autocast(...)``), so autocast
+            cannot downcast the power iteration (on CUDA ``mv`` is autocast to fp16). Default
+            None: nothing emitted (on CPU ``mv``/``dot`` are not autocast).
 
     Returns:
         the node of ``W / sigma`` in the weight's dtype.
@@ -247,6 +254,9 @@ def insert_normalization(
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     e = _Emitter(graph, weight.name, use_aten)
     with graph.inserting_before(_insert_point(graph, [weight, u, v])):
+        if autocast_off is not None:
+            # NB: enters a no-autocast region (left below): the estimate must not be downcast.
+            ctx = e._fn(_enter_autocast, (autocast_off, None, False, None), "autocast_off")
         # W in the compute dtype, viewed as a matrix
         w32 = weight if dtype == compute else e.to_float(weight, "f32")
         mat = w32
@@ -283,6 +293,8 @@ def insert_normalization(
             out = e.to_dtype(e.div(w32, sigma, "normalized_f32"), dtype, "normalized")
         else:
             out = e.type_as(e.div(w32, sigma, "normalized_f32"), weight, "normalized")
+        if autocast_off is not None:
+            e._fn(_exit_autocast, (ctx,), "autocast_restore")
     # Tag the result with the raw weight's name (bake() folds the subgraph back into the weight).
     out.meta[NORMALIZED_META] = weight.name
     return out

@@ -100,10 +100,11 @@ class SpectralGraphModule(GraphModule):
         self.__dict__["_eval_graph"] = eval_graph
         super().__init__(root, train_graph, "SpectralGraphModule")
         eval_graph.owning_module = self
-        self.__dict__["_sn_dtypes"] = self._weight_dtypes(self)
+        self.__dict__["_sn_signature"] = self._weight_signature(self)
 
-    def _weight_dtypes(self, root: nn.Module) -> tuple[torch.dtype, ...]:
-        return tuple(_resolve(root, w.target).dtype for w in self._sn_weights)
+    def _weight_signature(self, root: nn.Module) -> tuple[tuple[torch.dtype, str], ...]:
+        # What the emitted nodes depend on: each weight's dtype (casts) and device type (autocast guard).
+        return tuple((t.dtype, t.device.type) for t in (_resolve(root, w.target) for w in self._sn_weights))
 
     def _generate(self, root: nn.Module) -> tuple[Graph, Graph]:
         train_graph, eval_graph = copy.deepcopy(self._sn_plain_graph), copy.deepcopy(self._sn_plain_graph)
@@ -112,14 +113,14 @@ class SpectralGraphModule(GraphModule):
         return train_graph, eval_graph
 
     def _regenerate_if_needed(self) -> None:
-        dtypes = self._weight_dtypes(self)
-        if dtypes == self._sn_dtypes:
+        signature = self._weight_signature(self)
+        if signature == self._sn_signature:
             return
         train_graph, eval_graph = self._generate(self)
         self._graph = train_graph
         self.__dict__["_eval_graph"] = eval_graph
         train_graph.owning_module = eval_graph.owning_module = self
-        self.__dict__["_sn_dtypes"] = dtypes
+        self.__dict__["_sn_signature"] = signature
         self.recompile()
 
     @property
@@ -384,10 +385,18 @@ def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: Spec
         new = insert_normalization(
             graph, w, u, v, dim=info.dim, n_power_iterations=cfg.n_power_iterations, eps=cfg.eps,
             training=training, weight_dtype=weight.dtype, weight_ndim=weight.dim(),
+            autocast_off=_autocast_guard(weight.device.type),
         )
         for op, _ in uses:
             op.replace_input_with(w, new)
     graph.lint()
+
+
+def _autocast_guard(device_type: str) -> str | None:
+    # CPU autocast leaves mv/dot alone; elsewhere (CUDA) the estimate runs with autocast off.
+    if device_type == "cpu" or not torch.amp.is_autocast_available(device_type):
+        return None
+    return device_type
 
 
 def spectral_pass(
