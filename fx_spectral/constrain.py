@@ -556,6 +556,12 @@ class Constraint:
     def _project_target(self, t: _Target, method: _Method) -> None:
         if _is_dtensor(t.param):
             # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed ----
+            # Contract: project_dtensor_(handle, target, method) projects target.param in place.
+            # Building blocks it can use: _matrices(target, handle._split) -> (key, matrix,
+            # write_back) per piece; _scale(matrix); handle._context(target, key, matrix, scale)
+            # (w_max, Muon coupling, persistent vectors get/put); project_matrix(full_matrix,
+            # method, ctx, scale=...) on a gathered matrix; _HANDLERS for a custom (e.g. Gram or
+            # distributed power-iteration) path.
             _distributed().project_dtensor_(self, t, method)
             return
         for key, matrix, write_back in _matrices(t, self._split):

@@ -138,8 +138,10 @@ def _odd_poly_(X: Tensor, coefficients, normalize_frobenius: bool = False) -> Te
         X = X / norm
     for a, b, c in coefficients:
         A = _gram(X)
-        B = _addmm(A, A, A, beta=b, alpha=c) if c != 0 else A * b
-        X = _addmm(X, B, X, beta=a, alpha=1.0)
+        if c == 0:  # a X + b (X Xᵀ) X: two products per step (the soft cap)
+            X = _addmm(X, A, X, beta=a, alpha=b)
+        else:  # a X + (b A + c A²) X: three products per step
+            X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
     if transposed:
         X = X.mT
     return X.reshape(shape)
