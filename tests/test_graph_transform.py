@@ -457,3 +457,16 @@ def test_autocast_guard_keeps_the_estimate_in_float32():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(gm.weight_u, u)
+
+
+def test_compiled_transform_follows_train_and_eval():
+    gm = transform(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    ref = copy.deepcopy(gm)
+    compiled = torch.compile(gm, backend="aot_eager")
+    x = torch.randn(5, 4)
+    for mode in (True, False, True):
+        compiled.train(mode), ref.train(mode)
+        u_before = gm.get_submodule("0").weight_u.clone()
+        torch.testing.assert_close(compiled(x), ref(x), **TOL)
+        assert torch.equal(gm.get_submodule("0").weight_u, u_before) is (not mode)
+        torch.testing.assert_close(gm.get_submodule("0").weight_u, ref.get_submodule("0").weight_u, **TOL)
