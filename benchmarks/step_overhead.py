@@ -205,6 +205,9 @@ VARIANTS: dict[str, Callable[[nn.Module], Callable]] = {
     "torch SN inductor": lambda m: torch.compile(torch_spectral_norm(m)),
     "fx_spectral eager": fx_spectral_eager,
     "fx_spectral eager + inductor": lambda m: torch.compile(fx_spectral_eager(m)),
+    "fx_spectral transform": lambda m: fx_spectral.transform(m),
+    "fx_spectral transform + inductor": lambda m: torch.compile(fx_spectral.transform(m)),
+    'backend="spectral"': lambda m: torch.compile(m, backend="spectral"),
 }
 #: Variants the "best plain" ratio is taken against.
 PLAIN = ("plain eager", "plain inductor")
