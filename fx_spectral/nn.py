@@ -89,8 +89,12 @@ def _power_iteration(w_mat: Tensor, u_buf: Tensor, v_buf: Tensor, n_iter: int, e
         u, _ = _normalize_or_keep(torch.mv(w_mat, v), u, eps)
         v, norm = _normalize_or_keep(torch.mv(w_mat.t(), u), v, eps)
     # NB: the float32 buffers are updated in place.
-    u_buf.copy_(u)
-    v_buf.copy_(v)
+    if _functorch_active():
+        # torch.func refuses copy_ into a captured tensor; an out= op is allowed (torch's own way).
+        torch.mul(u, 1, out=u_buf), torch.mul(v, 1, out=v_buf)
+    else:
+        u_buf.copy_(u)
+        v_buf.copy_(v)
     return u, v, norm
 
 
@@ -146,9 +150,16 @@ def normalize_weight(
 def _normalize_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool) -> Tensor:
     needs_grad = weight.requires_grad and torch.is_grad_enabled()
     u, v, sigma = _estimate_sigma(weight, u, v, dim, n_iter, eps, training, needs_grad)
+    if _functorch_active():
+        # torch.func (grad, vmap, jacrev) refuses our autograd.Functions: plain differentiable ops.
+        return _divide(weight, _sigma_with_grad(weight, u, v, sigma, dim))
     if needs_grad:
         return _DivideBySigma.apply(weight, u, v, sigma, dim)
     return _divide(weight, sigma)
+
+
+def _functorch_active() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 @torch.no_grad()
@@ -260,6 +271,7 @@ def _divide_output(module: nn.Module, input: Tensor, out_numel: int) -> bool:
         and input.dtype == weight.dtype == torch.float32
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled(input.device.type)
+        and not _functorch_active()
     )
 
 

@@ -405,3 +405,35 @@ def test_package_root_exports():
     for name in ("spectral_norm", "remove_spectral_norm", "apply_spectral_norm", "is_spectral_normalized",
                  "spectral_sigma"):
         assert getattr(fx_spectral, name) is getattr(fx_spectral.nn, name)
+
+
+# ---------------------------------------------------------------------------- torch.func
+
+
+def test_torch_func_transforms_match_torch():
+    """jacrev / vmap (local Lipschitz estimates) and func.grad over functional_call, train and eval."""
+    from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+    base = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4), nn.Unflatten(-1, (4, 1)),
+                         nn.Conv1d(4, 8, 1))
+    ref, ours = copy.deepcopy(base), copy.deepcopy(base)
+    for i in (0, 2, 4):
+        torch_spectral_norm(ref[i])
+        spectral_norm(ours[i])
+        with torch.no_grad():
+            ours[i].weight_u.copy_(ref[i].parametrizations.weight[0]._u)
+            ours[i].weight_v.copy_(ref[i].parametrizations.weight[0]._v)
+    x, xs = torch.randn(16), torch.randn(5, 16)
+    for mode in ("train", "eval"):
+        ref.train(mode == "train"), ours.train(mode == "train")
+        torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(ref)(x), **TOL)
+        torch.testing.assert_close(torch.func.vmap(torch.func.jacrev(ours))(xs),
+                                   torch.func.vmap(torch.func.jacrev(ref))(xs), **TOL)
+        g_ref = torch.func.grad(lambda p: torch.func.functional_call(ref, p, (xs,)).square().sum())(
+            dict(ref.named_parameters()))
+        g_ours = torch.func.grad(lambda p: torch.func.functional_call(ours, p, (xs,)).square().sum())(
+            dict(ours.named_parameters()))
+        for i in (0, 2, 4):
+            torch.testing.assert_close(g_ours[f"{i}.weight"], g_ref[f"{i}.parametrizations.weight.original"],
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours[i].weight_u, ref[i].parametrizations.weight[0]._u, **TOL)
