@@ -381,3 +381,34 @@ def test_optimizer_container_keeps_vectors_in_member_state():
     assert "spectral_u" in members[1].state[model[2].weight]
     assert rms_norm(model[2].weight) <= 0.5 * 1.02
     assert not container.state  # nothing written to the container's own (unsaved) state
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_bf16_weights(dtype):
+    model = mlp().bfloat16()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    handle = constrain(model, opt, "hard_cap", w_max=0.5, exact=True, dtype=dtype)
+    x = torch.randn(16, 8).bfloat16()
+    for _ in range(3):
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for fqn in handle.names:
+        W = dict(model.named_parameters())[fqn]
+        assert W.dtype == torch.bfloat16
+        assert rms_norm(W) <= 0.5 * 1.02  # bf16 rounding of the written-back weight
+
+
+def test_bf16_vectors_stay_float32_across_load_state_dict():
+    model = mlp().bfloat16()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    constrain(model, opt, "spectral_normalize")
+    model(torch.randn(4, 8).bfloat16()).float().sum().backward()
+    opt.step()
+    assert opt.state[model[0].weight]["spectral_u"].dtype == torch.float32
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.01)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[model[0].weight]["spectral_u"].dtype == torch.bfloat16  # torch casts on load
+    handle = constrain(model, opt2, "spectral_normalize")
+    u, _ = handle._get_vectors(handle._targets[0], None)
+    assert u.dtype == torch.float32 and opt2.state[model[0].weight]["spectral_u"].dtype == torch.float32
