@@ -452,3 +452,21 @@ def test_dynamic_shapes_train_and_eval():
     torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(model.fc.weight_u, eager.fc.weight_u, atol=1e-6, rtol=1e-6)
     assert cnt.frame_count == 1
+
+
+def test_survives_dtype_change_and_recompile():
+    model = _Two()
+    compiled = torch.compile(model, backend=backend(inner="aot_eager"))
+    compiled(torch.randn(2, 4))
+    u = model.fc.weight_u.clone()
+    model.double().eval()  # converts u/v too; dynamo recompiles (new dtype) and the backend restores float32
+    y = compiled(torch.randn(2, 4, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    assert model.fc.weight_u.dtype == torch.float32 and model.out.weight_v.dtype == torch.float32
+    assert torch.equal(model.fc.weight_u, u)  # reused (eval: not updated), not re-created
+    eager = _Two().double()
+    fx_spectral.apply_spectral_norm(eager)
+    eager.load_state_dict(model.state_dict())
+    eager.eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-12, rtol=1e-12)

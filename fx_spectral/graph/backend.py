@@ -373,10 +373,13 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
 
 
 def _ensure_uv(slots: list[_Slot], example_inputs: list, eps: float) -> None:
-    """Create the float32 u/v buffers the slots need (15 warm-up iterations); reuse existing ones."""
+    """Create the float32 u/v buffers the slots need (15 warm-up iterations); reuse existing ones.
+
+    Existing u/v of another floating dtype (after ``model.double()``) are converted back to float32.
+    """
     from fx_spectral.nn import _init_uv, weight_matrix
 
-    todo = []
+    todo, recast = [], []
     for s in slots:
         rows, cols = weight_matrix(example_inputs[s.index].detach(), s.dim).shape
         have = [s.module._buffers.get(s.name + k) for k in ("_u", "_v")]
@@ -390,9 +393,15 @@ def _ensure_uv(slots: list[_Slot], example_inputs: list, eps: float) -> None:
             todo.append(s)
             continue
         for t, n, k in zip(have, (rows, cols), ("_u", "_v")):
-            if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == (n,)):
+            if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and tuple(t.shape) == (n,)):
                 got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
                 raise ValueError(f"spectral backend: {s.where}{k} must be a float32 vector of length {n}, got {got}")
+            if t.dtype != torch.float32:
+                recast.append((s.module, s.name + k))
+    for module, key in recast:
+        # NB: model.to(dtype) / .half() also converted u/v (plain modules do not protect them as the
+        # eager API's do): put them back in float32, in place of the converted buffers.
+        module._buffers[key] = module._buffers[key].float()
     for s in todo:
         u, v = _init_uv(example_inputs[s.index], s.dim, eps)
         # NB: registers {name}_u / {name}_v on the owning module: part of model.state_dict() from now on.
