@@ -437,3 +437,28 @@ def test_torch_func_transforms_match_torch():
             torch.testing.assert_close(g_ours[f"{i}.weight"], g_ref[f"{i}.parametrizations.weight.original"],
                                        atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ours[i].weight_u, ref[i].parametrizations.weight[0]._u, **TOL)
+
+
+def test_torch_checkpoint_converts_by_renaming_keys():
+    """docs/eager.md: a torch spectral_norm checkpoint loads after renaming its keys."""
+    from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
+
+    src = _net()
+    for i in (0, 2, 4):
+        torch_spectral_norm(src[i])
+    for _ in range(2):
+        src(torch.randn(2, 3, 9, 9))
+    renames = {"parametrizations.weight.original": "weight", "parametrizations.weight.0._u": "weight_u",
+               "parametrizations.weight.0._v": "weight_v"}
+    sd = {}
+    for k, v in src.state_dict().items():
+        for old, new in renames.items():
+            k = k.replace(old, new)
+        sd[k] = v
+    dst = _net()
+    apply_spectral_norm(dst)
+    dst.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(dst(x), src(x), **TOL)
+    src.eval(), dst.eval()
+    torch.testing.assert_close(dst(x), src(x), **TOL)
