@@ -354,3 +354,29 @@ def test_hessian_vector_product_wrt_weight_matches_torch(factory, shape):
         results.append((gw.detach(), w.grad.clone()))
     torch.testing.assert_close(results[1][0], results[0][0], **TOL)
     torch.testing.assert_close(results[1][1], results[0][1], atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_discriminator_and_no_grad_training_forwards_match_torch():
+    """Training G through a frozen D (grad w.r.t. the input only); D forwards under no_grad /
+    inference_mode in training mode still update u/v, as torch's do."""
+    base = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.Flatten(),
+                         nn.Linear(32 * 2 * 2, 1))
+    ref, ours = copy.deepcopy(base), copy.deepcopy(base)
+    for i in (0, 2, 4):
+        torch_spectral_norm(ref[i])
+        spectral_norm(ours[i])
+        with torch.no_grad():
+            ours[i].weight_u.copy_(torch_uv(ref[i])[0]), ours[i].weight_v.copy_(torch_uv(ref[i])[1])
+    ref.requires_grad_(False), ours.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8)
+    grads = []
+    for model in (ref, ours):
+        xi = x.clone().requires_grad_()
+        model(xi).sum().backward()
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0], **TOL)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            torch.testing.assert_close(ours(x), ref(x), **TOL)
+        for i in (0, 2, 4):
+            torch.testing.assert_close(ours[i].weight_u, torch_uv(ref[i])[0], **TOL)
