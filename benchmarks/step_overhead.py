@@ -246,9 +246,21 @@ class Result:
     def median_ms(self) -> float:
         return statistics.median(self.per_round_ms)
 
+    @property
+    def min_ms(self) -> float:
+        return min(self.per_round_ms)
+
+    def stat(self, name: str) -> float:
+        return self.median_ms if name == "median" else self.min_ms
+
 
 def bench_case(
-    case: Case, variants: dict[str, Callable], rounds: int, warmup: int, round_s: float
+    case: Case,
+    variants: dict[str, Callable],
+    rounds: int,
+    warmup: int,
+    round_s: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Result]:
     torch.manual_seed(0)
     base = case.make_model()
@@ -265,7 +277,7 @@ def bench_case(
             step()
         steps[name] = step
         results[name] = Result(first, [])
-        print(f"  built {name:<24} first call {first:8.2f} s", flush=True)
+        print(f"  built {name:<28} first call {first:8.2f} s", flush=True)
 
     # Steps per round and variant: enough to fill about round_s, from a quick estimate.
     inner: dict[str, int] = {}
@@ -281,10 +293,10 @@ def bench_case(
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             step = steps[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n_inner):
                 step()
-            results[name].per_round_ms.append((time.perf_counter() - t0) * 1e3 / n_inner)
+            results[name].per_round_ms.append((clock() - t0) * 1e3 / n_inner)
     return results
 
 
@@ -305,21 +317,38 @@ def machine_info() -> str:
     )
 
 
-def markdown(all_results: dict[str, dict[str, Result]], rounds: int) -> str:
+def _load() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def markdown(
+    all_results: dict[str, dict[str, Result]], rounds: int, stat: str = "median", load: str = "", clock: str = "wall"
+) -> str:
+    """The results as Markdown tables: ms per step, ratios, first-call times."""
     names = list(next(iter(all_results.values())))
-    lines = [f"Machine: {machine_info()}. Median of {rounds} interleaved rounds, ms per step.", ""]
+    what = "Median" if stat == "median" else "Fastest"
+    lines = [
+        f"Machine: {machine_info()}; {load or _load()}.",
+        "",
+        f"{what} of {rounds} interleaved rounds, ms per training step (forward + backward + SGD step), "
+        + ("wall clock:" if clock == "wall" else "process CPU time:"),
+        "",
+    ]
     lines.append("| model | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for key, res in all_results.items():
-        lines.append(f"| {CASES[key].title} | " + " | ".join(f"{res[n].median_ms:.3g}" for n in names) + " |")
+        lines.append(f"| {CASES[key].title} | " + " | ".join(f"{res[n].stat(stat):.3g}" for n in names) + " |")
     others = [n for n in names if n not in PLAIN]
     lines += ["", "Ratio to plain eager / to the best plain variant (lower is better):", ""]
     lines.append("| model | " + " | ".join(others) + " |")
     lines.append("|---|" + "---|" * len(others))
     for key, res in all_results.items():
-        eager = res["plain eager"].median_ms if "plain eager" in res else math.nan
-        best = min((res[n].median_ms for n in PLAIN if n in res), default=math.nan)
-        cells = [f"{res[n].median_ms / eager:.2f}× / {res[n].median_ms / best:.2f}×" for n in others]
+        eager = res["plain eager"].stat(stat) if "plain eager" in res else math.nan
+        best = min((res[n].stat(stat) for n in PLAIN if n in res), default=math.nan)
+        cells = [f"{res[n].stat(stat) / eager:.2f}× / {res[n].stat(stat) / best:.2f}×" for n in others]
         lines.append(f"| {CASES[key].title} | " + " | ".join(cells) + " |")
     compiled = [n for n in names if any(m in n for m in COMPILED_MARKERS)]
     if compiled:
@@ -339,21 +368,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="steps after the first call, before timing")
     parser.add_argument("--round-seconds", type=float, default=0.1, help="target time of one variant's turn in a round")
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 warm-up step")
+    parser.add_argument(
+        "--stat",
+        choices=("median", "min"),
+        default="median",
+        help="statistic over rounds for the tables (min: the least disturbed round, for a busy machine)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other load)",
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables (Markdown) to PATH")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.warmup, args.round_seconds = 3, 1, 0.02
     variants = {name: VARIANTS[name] for name in args.variants}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
 
-    print(machine_info(), flush=True)
+    load_before = _load()
+    print(machine_info(), load_before, flush=True)
     all_results: dict[str, dict[str, Result]] = {}
     for key in args.models:
         print(f"{CASES[key].title}:", flush=True)
-        all_results[key] = res = bench_case(CASES[key], variants, args.rounds, args.warmup, args.round_seconds)
+        all_results[key] = res = bench_case(
+            CASES[key], variants, args.rounds, args.warmup, args.round_seconds, clock
+        )
         for name, r in res.items():
             spread = f"{min(r.per_round_ms):.3g}-{max(r.per_round_ms):.3g}"
-            print(f"  {name:<24} median {r.median_ms:8.3f} ms  (range {spread})", flush=True)
-    table = markdown(all_results, args.rounds)
+            print(f"  {name:<28} median {r.median_ms:8.3f} ms  (range {spread})", flush=True)
+    table = markdown(all_results, args.rounds, args.stat, f"{load_before} before, {_load()[13:]} after", args.clock)
     print()
     print(table)
     if args.markdown:
