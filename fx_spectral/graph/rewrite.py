@@ -335,16 +335,19 @@ def rewrite_weight(
     n_power_iterations: int,
     eps: float,
     training: bool,
+    autocast_off: str | None = None,
 ) -> Node:
     """:func:`insert_normalization`, then feed the returned node to each op in ``ops`` (as its weight).
 
     Other users of ``weight`` (a ``.shape`` read, a non-weight use) keep the raw weight.
+    ``autocast_off`` is passed on (a device type such as ``"cuda"``, or None).
     """
     for op in ops:
         if WEIGHT_OPS.get(op.target) is None or weight_arg(op) is not weight:
             raise ValueError(f"rewrite_weight: {op.format_node()} does not take {weight.name} as its weight")
     new = insert_normalization(
-        graph, weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps, training=training
+        graph, weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps, training=training,
+        autocast_off=autocast_off,
     )
     for op in ops:
         op.replace_input_with(weight, new)
