@@ -380,3 +380,25 @@ def test_frozen_discriminator_and_no_grad_training_forwards_match_torch():
             torch.testing.assert_close(ours(x), ref(x), **TOL)
         for i in (0, 2, 4):
             torch.testing.assert_close(ours[i].weight_u, torch_uv(ref[i])[0], **TOL)
+
+
+@pytest.mark.parametrize("case", ["convT_output_size", "linear_empty_batch", "conv_empty_batch",
+                                  "conv_channels_last", "linear_noncontiguous"])
+def test_matches_torch_edge_inputs(case):
+    factory, x, kwargs = {
+        "convT_output_size": (lambda: nn.ConvTranspose2d(16, 8, 3, stride=2), torch.randn(1, 16, 2, 2),
+                              dict(output_size=[6, 6])),
+        "linear_empty_batch": (lambda: nn.Linear(8, 4), torch.randn(0, 8), {}),
+        "conv_empty_batch": (lambda: nn.Conv2d(8, 16, 3), torch.randn(0, 8, 4, 4), {}),
+        "conv_channels_last": (lambda: nn.Conv2d(8, 16, 3),
+                               torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last), {}),
+        "linear_noncontiguous": (lambda: nn.Linear(8, 16), torch.randn(8, 3).t(), {}),
+    }[case]
+    ref, ours = make_pair(factory)
+    y_ref, y_ours = ref(x, **kwargs), ours(x, **kwargs)
+    assert y_ours.shape == y_ref.shape
+    torch.testing.assert_close(y_ours, y_ref, **TOL)
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g), y_ours.backward(g)
+    torch.testing.assert_close(ours.weight.grad, ref.parametrizations.weight.original.grad, atol=5e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.weight_u, torch_uv(ref)[0], **TOL)
