@@ -208,7 +208,9 @@ def sharded_matrices(
     out = []
     for name, gidx in named.items():
         if gidx.dim() != 2 or gidx.numel() == 0:
-            raise ValueError(f"fx_spectral.distributed: view {name!r} of a {list(gshape)} parameter is not a non-empty matrix")
+            raise ValueError(
+                f"fx_spectral.distributed: view {name!r} of a {list(gshape)} parameter is not a non-empty matrix"
+            )
         m, n = gidx.shape
         coords = (gidx.unsqueeze(-1) // gstrides) % torch.tensor(gshape, dtype=torch.int64)  # (m, n, ndim)
         rel = coords - off
@@ -235,7 +237,9 @@ def sharded_matrices(
         out.append(mat)
 
     # Rows-only layout is a global property: agree on it (one small collective at setup).
-    flags = torch.tensor([1 if (m.rows.numel() == 0 or m.cols.numel() == m.shape[1]) else 0 for m in out], dtype=torch.int32)
+    flags = torch.tensor(
+        [1 if (m.rows.numel() == 0 or m.cols.numel() == m.shape[1]) else 0 for m in out], dtype=torch.int32
+    )
     dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     for mat, f in zip(out, flags.tolist()):
         mat.rows_only = bool(f)
@@ -310,7 +314,17 @@ def power_iterate_(
         group = mats[idx[0]].group
         blocks = {i: mats[i].read().to(dtype) for i in idx}
         for _ in range(n_iter):
-            _one_iteration([mats[i] for i in idx], [blocks[i] for i in idx], [us[i] for i in idx], [vs[i] for i in idx], idx, sigmas, eps, dtype, group)
+            _one_iteration(
+                [mats[i] for i in idx],
+                [blocks[i] for i in idx],
+                [us[i] for i in idx],
+                [vs[i] for i in idx],
+                idx,
+                sigmas,
+                eps,
+                dtype,
+                group,
+            )
     return sigmas
 
 
@@ -534,7 +548,13 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
             by_count.setdefault(method.n_iter + (warm or 0), []).append(i)
         sigmas: list[Tensor | None] = [None] * len(entries)
         for count, idx in by_count.items():
-            sig = power_iterate_([entries[i][2] for i in idx], [starts[i][0] for i in idx], [starts[i][1] for i in idx], count, dtype=starts[idx[0]][0].dtype)
+            sig = power_iterate_(
+                [entries[i][2] for i in idx],
+                [starts[i][0] for i in idx],
+                [starts[i][1] for i in idx],
+                count,
+                dtype=starts[idx[0]][0].dtype,
+            )
             for i, s in zip(idx, sig):
                 sigmas[i] = s
         for (t, key, mat), (u, v, _), sigma in zip(entries, starts, sigmas):
@@ -542,7 +562,8 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
             est = (u, sigma / scale, v)
             w_max = t.w_max[key]
             dtype = u.dtype
-            apply_rank_one_(mat, lambda B, e: (op(B.to(dtype) / scale, method, w_max, e) * scale), est)
+            fn = lambda B, e, dtype=dtype, scale=scale, w_max=w_max: op(B.to(dtype) / scale, method, w_max, e) * scale
+            apply_rank_one_(mat, fn, est)
             handle._put_vectors(t, key, u, v)
         return
     mats = [mat for _, _, mat in entries]
@@ -550,7 +571,11 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
     fns = []
     for t, key, mat in entries:
         scale = (mat.shape[0] / mat.shape[1]) ** 0.5
-        fns.append(lambda X, t=t, key=key, scale=scale: K.project_matrix(X, method, handle._context(t, key, X, scale), scale=scale))
+        fns.append(
+            lambda X, t=t, key=key, scale=scale: K.project_matrix(
+                X, method, handle._context(t, key, X, scale), scale=scale
+            )
+        )
     apply_full_(mats, fns)
 
 

@@ -76,7 +76,7 @@ def _full(p):
 
 def _compare(model, ref) -> float:
     err = 0.0
-    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for p, q in zip(model.parameters(), ref.parameters()):
         err = max(err, (_full(p) - q.detach()).abs().max().item())
     return err
 
@@ -124,7 +124,13 @@ def _scenario_placements(rank, world, results):
 
     layouts = {"shard1": ((world,), [Shard(1)])}
     if world == 4:
-        layouts.update({"2d_s0s1": ((2, 2), [Shard(0), Shard(1)]), "2d_s1s0": ((2, 2), [Shard(1), Shard(0)]), "2d_rs0": ((2, 2), [Replicate(), Shard(0)])})
+        layouts.update(
+            {
+                "2d_s0s1": ((2, 2), [Shard(0), Shard(1)]),
+                "2d_s1s0": ((2, 2), [Shard(1), Shard(0)]),
+                "2d_rs0": ((2, 2), [Replicate(), Shard(0)]),
+            }
+        )
     for name, (shape, placements) in layouts.items():
         mesh = init_device_mesh("cpu", shape)
         for method, options in METHODS.items():
@@ -133,7 +139,9 @@ def _scenario_placements(rank, world, results):
                 if isinstance(mod, nn.Linear):
                     mod.weight = nn.Parameter(distribute_tensor(mod.weight.detach().clone(), mesh, placements))
                     if mod.bias is not None:
-                        mod.bias = nn.Parameter(distribute_tensor(mod.bias.detach().clone(), mesh, [Replicate()] * len(shape)))
+                        mod.bias = nn.Parameter(
+                            distribute_tensor(mod.bias.detach().clone(), mesh, [Replicate()] * len(shape))
+                        )
             opt_ref = torch.optim.SGD(ref.parameters(), lr=0.0)
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
             h_ref = constrain(ref, opt_ref, method, w_max=1.5, split=qkv_split, **options)

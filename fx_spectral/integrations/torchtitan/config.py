@@ -1,0 +1,145 @@
+"""The ``[spectral]`` section of a TorchTitan training config (``--spectral.*`` on the command line)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["SpectralConfig", "METHOD_NAMES"]
+
+METHOD_NAMES = (
+    "soft_cap",
+    "hard_cap",
+    "spectral_normalize",
+    "spectral_hammer",
+    "spectral_weight_decay",
+    "pure_svd",
+    "orthogonalize",
+)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SpectralConfig:
+    r"""Spectral weight regulation after every optimizer step (:func:`fx_spectral.constrain`).
+
+    Every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/\sqrt{fan_{out}/fan_{in}}`.
+    Roles (TorchTitan Qwen3 / Llama names): ``qk`` = the Q and K blocks of the fused
+    ``attention.qkv_linear.wqkv`` (or ``wq``/``wk``), ``vo`` = its V block (or ``wv``) and
+    ``attention.wo``, ``mlp`` = ``feed_forward.w1/w2/w3``. A role's ``w_max_*`` of ``None`` uses
+    ``w_max``. Embeddings and the output head are left alone unless ``w_max_lm_head`` is set.
+
+    Example (TOML)::
+
+        [spectral]
+        enable = true
+        method = "soft_cap"
+        w_max = 1.0
+        max_update_norm = 0.05
+    """
+
+    enable: bool = True
+    """Project weights after every optimizer step."""
+
+    method: Literal[
+        "soft_cap",
+        "hard_cap",
+        "spectral_normalize",
+        "spectral_hammer",
+        "spectral_weight_decay",
+        "pure_svd",
+        "orthogonalize",
+    ] = "soft_cap"
+    """Projection applied after every optimizer step (see fx_spectral.constrain)."""
+
+    w_max: float = 1.0
+    """Cap on every selected weight's RMS→RMS norm (unless a role overrides it)."""
+
+    w_max_qk: float | None = None
+    """Cap for the Q and K projections (None: w_max)."""
+
+    w_max_vo: float | None = None
+    """Cap for the V and output projections (None: w_max)."""
+
+    w_max_mlp: float | None = None
+    """Cap for the MLP projections w1/w2/w3 (None: w_max)."""
+
+    w_max_lm_head: float | None = None
+    """Also cap the output head at this value. With tied embeddings (Qwen3 up to 4B) the one
+    shared weight is projected as the head matrix (vocab × dim), which rescales embedding rows too."""
+
+    spectral_wd: float = 0.1
+    """Strength of spectral_weight_decay: the top singular value shrinks by (1 - spectral_wd) per step."""
+
+    alpha: float | None = None
+    """Soft cap strength; None: coupled to the optimizer through max_update_norm (or Muon's lr)."""
+
+    max_update_norm: float | None = None
+    """Largest RMS→RMS norm of one optimizer update (soft cap coupling with alpha=None, non-Muon optimizers)."""
+
+    sensitive_to_wmax: bool = True
+    """Soft cap / orthogonalize act in units of w_max (the paper's 'sensitive to w_max')."""
+
+    n_iter: int = 1
+    """Power iterations per step for the rank-one methods (vectors persist between steps)."""
+
+    exact: bool = False
+    """hard_cap / orthogonalize: exact (SVD) instead of the polynomial iteration."""
+
+    split_fused_qkv: bool = True
+    """Constrain the Q, K and V blocks of a fused wqkv separately (per KV group), not as one matrix."""
+
+    include: list[str] = field(default_factory=list)
+    """Glob patterns over parameter names replacing the default selection (hidden Linear weights)."""
+
+    exclude: list[str] = field(default_factory=list)
+    """Glob patterns over parameter names to leave alone."""
+
+    log_interval: int = 1
+    """Log per-layer spectral norms every this many metric-logging steps (0: never)."""
+
+    log_exact: bool = False
+    """Logged norms from an SVD (exact, slower) instead of two power iterations from the stored vectors."""
+
+    log_per_layer: bool = True
+    """Log one metric per weight (spectral/sigma/<name>); False: only max / mean / timing."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"spectral.method: expected one of {list(METHOD_NAMES)}, got {self.method!r}")
+        for name in ("w_max", "w_max_qk", "w_max_vo", "w_max_mlp", "w_max_lm_head"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"spectral.{name}: expected a number > 0, got {value!r}")
+        if not 0.0 <= self.spectral_wd <= 1.0:
+            raise ValueError(f"spectral.spectral_wd: expected a value in [0, 1], got {self.spectral_wd!r}")
+        for name in ("alpha", "max_update_norm"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"spectral.{name}: expected a number >= 0 or None, got {value!r}")
+        if not isinstance(self.n_iter, int) or self.n_iter < 1:
+            raise ValueError(f"spectral.n_iter: expected an int >= 1, got {self.n_iter!r}")
+        if not isinstance(self.log_interval, int) or self.log_interval < 0:
+            raise ValueError(f"spectral.log_interval: expected an int >= 0, got {self.log_interval!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+                raise TypeError(f"spectral.{name}: expected a list of glob patterns, got {value!r}")
+
+    def method_options(self) -> dict:
+        """The keyword options :func:`fx_spectral.constrain` takes for ``method``."""
+        m = self.method
+        if m == "soft_cap":
+            return {
+                "alpha": self.alpha,
+                "max_update_norm": self.max_update_norm,
+                "sensitive_to_wmax": self.sensitive_to_wmax,
+            }
+        if m in ("spectral_normalize", "spectral_hammer"):
+            return {"n_iter": self.n_iter}
+        if m == "spectral_weight_decay":
+            return {"n_iter": self.n_iter, "wd": self.spectral_wd}
+        if m == "hard_cap":
+            return {"exact": self.exact}
+        if m == "orthogonalize":
+            return {"exact": self.exact, "sensitive_to_wmax": self.sensitive_to_wmax}
+        return {}
