@@ -465,3 +465,13 @@ def test_torch_checkpoint_converts_by_renaming_keys():
     torch.testing.assert_close(dst(x), src(x), **TOL)
     src.eval(), dst.eval()
     torch.testing.assert_close(dst(x), src(x), **TOL)
+
+
+def test_torch_export_eval_matches_eager():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    apply_spectral_norm(model)
+    model.eval()
+    x = torch.randn(2, 16)
+    ep = torch.export.export(model, (x,), strict=False)
+    assert {"0.weight_u", "0.weight_v", "2.weight_u", "2.weight_v"} <= set(ep.state_dict)
+    torch.testing.assert_close(ep.module()(x), model(x), **TOL)
