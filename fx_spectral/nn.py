@@ -497,7 +497,14 @@ def _apply(self, fn, recurse=True):
         self._sn_base._apply(self, fn, recurse)
         for k, b in uv.items():
             device = fn(b).device
-            uv[k] = _LazyUV(device=device, dtype=torch.float32) if is_lazy(b) else b.to(device)
+            if is_lazy(b):
+                uv[k] = _LazyUV(device=device, dtype=torch.float32)
+            elif b.is_meta and device.type != "meta":
+                # to_empty() after a meta-device build: there are no values to move. Restart from
+                # the uniform unit vector; the training forwards' power iteration converges from it.
+                uv[k] = torch.full(b.shape, max(b.numel(), 1) ** -0.5, dtype=torch.float32, device=device)
+            else:
+                uv[k] = b.to(device)
     return self
 
 

@@ -475,3 +475,25 @@ def test_torch_export_eval_matches_eager():
     ep = torch.export.export(model, (x,), strict=False)
     assert {"0.weight_u", "0.weight_v", "2.weight_u", "2.weight_v"} <= set(ep.state_dict)
     torch.testing.assert_close(ep.module()(x), model(x), **TOL)
+
+
+def test_meta_device_build_then_to_empty():
+    """TorchTitan-style init: build and normalize on meta, to_empty, init weights, train."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        assert apply_spectral_norm(model) == ["0.weight", "2.weight"]
+    assert model[0].weight_u.is_meta
+    model.to_empty(device="cpu")
+    for i in (0, 2):
+        model[i].reset_parameters()
+        assert model[i].weight_u.device.type == "cpu" and model[i].weight_u.dtype == torch.float32
+        assert torch.isfinite(model[i].weight_u).all() and model[i].weight_u.norm().item() == pytest.approx(1.0)
+    for _ in range(60):
+        assert torch.isfinite(model(torch.randn(2, 8))).all()
+    for i in (0, 2):
+        exact = torch.linalg.matrix_norm(model[i].weight.detach().double(), ord=2)
+        torch.testing.assert_close(spectral_sigma(model[i]).double(), exact, rtol=1e-3, atol=0)
+    # to_empty on the same device keeps the values
+    u = model[0].weight_u.clone()
+    model.to_empty(device="cpu")
+    assert torch.equal(model[0].weight_u, u)
