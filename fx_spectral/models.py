@@ -1,0 +1,208 @@
+"""A small paper-style Lipschitz transformer (arXiv 2507.13338, DESIGN §4).
+
+The architecture is chosen so that a Lipschitz bound can be read off the weights
+(see :func:`fx_spectral.lipschitz.lipschitz_bound`):
+
+* no LayerNorm, no QK-norm, no biases;
+* token embedding rows capped in l2 norm by ``embed_max_norm`` (``nn.Embedding(max_norm=...)``
+  renormalizes each looked-up row before use), so every input token has ``||x_i||_2 <= r``;
+* rotary position embeddings on queries and keys (a rotation per position: norm preserving);
+* attention logits scaled by ``1/d_head`` (not ``1/sqrt(d_head)``);
+* the MLP activation is ``GELU(x) / 1.1289`` (1.1289 is GELU's largest slope, so the scaled
+  activation is 1-Lipschitz and ``|act(x)| <= |x|``);
+* residual connections are convex combinations, ``x <- (1 - 1/(2L)) x + (1/(2L)) block(x)``,
+  with ``L`` the number of layers (so ``2L`` sub-blocks in all);
+* a bias-free LM head.
+
+Example::
+
+    >>> cfg = LipschitzTransformerConfig(vocab_size=98, dim=64, n_layers=2, n_heads=2)
+    >>> model = LipschitzTransformer(cfg)
+    >>> logits = model(torch.randint(0, 98, (4, 32)))   # (batch, seq, vocab)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "GELU_LIPSCHITZ",
+    "Attention",
+    "Block",
+    "LipschitzTransformer",
+    "LipschitzTransformerConfig",
+    "MLP",
+    "ScaledGELU",
+]
+
+#: The largest slope of GELU, ``Phi(sqrt 2) + sqrt 2 * phi(sqrt 2)`` (exact GELU, not tanh).
+GELU_LIPSCHITZ = 1.1289
+
+
+@dataclass(frozen=True, kw_only=True)
+class LipschitzTransformerConfig:
+    """Shape of a :class:`LipschitzTransformer`.
+
+    Args:
+        vocab_size: number of tokens.
+        dim: model width ``d``.
+        n_layers: number of blocks ``L`` (each is attention then MLP, ``2L`` residual sub-blocks).
+        n_heads: attention heads; ``dim`` must be divisible by it.
+        mlp_ratio: hidden width of the MLP is ``mlp_ratio * dim``.
+        max_seq_len: longest sequence (rotary tables are built for it).
+        embed_max_norm: l2 cap of every embedding row, i.e. the input radius ``r`` the Lipschitz
+            bound is certified for. ``None`` leaves the rows free (no certificate then).
+        rope_base: base of the rotary frequencies.
+    """
+
+    vocab_size: int
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    mlp_ratio: int = 4
+    max_seq_len: int = 256
+    embed_max_norm: float | None = 1.0
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "mlp_ratio", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LipschitzTransformerConfig.{name}: expected a positive int, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"LipschitzTransformerConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"LipschitzTransformerConfig: head dim {self.dim // self.n_heads} must be even for rotary embeddings"
+            )
+        if self.embed_max_norm is not None and not self.embed_max_norm > 0:
+            raise ValueError(
+                f"LipschitzTransformerConfig.embed_max_norm: expected > 0 or None, got {self.embed_max_norm!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def residual_weight(self) -> float:
+        """``a = 1/(2L)``: weight of a sub-block in its residual convex combination."""
+        return 1.0 / (2 * self.n_layers)
+
+
+class ScaledGELU(nn.Module):
+    """``GELU(x) / 1.1289``: 1-Lipschitz and ``|f(x)| <= |x|``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x) / GELU_LIPSCHITZ
+
+
+def _rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, dh/2)
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, dh); pairs (x[2i], x[2i+1]) are rotated by the position's angle (an isometry).
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with logits ``q.k / d_head`` and rotary positions."""
+
+    def __init__(self, cfg: LipschitzTransformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        cos, sin = _rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.head_dim)
+        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+
+
+class MLP(nn.Module):
+    """``fc_out(GELU(fc_in(x)) / 1.1289)``, no biases."""
+
+    def __init__(self, cfg: LipschitzTransformerConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, bias=False)
+        self.act = ScaledGELU()
+        self.fc_out = nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    """``x <- (1-a) x + a attn(x)`` then ``x <- (1-a) x + a mlp(x)`` with ``a = 1/(2L)``."""
+
+    def __init__(self, cfg: LipschitzTransformerConfig) -> None:
+        super().__init__()
+        self.a = cfg.residual_weight
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (1 - self.a) * x + self.a * self.attn(x)
+        return (1 - self.a) * x + self.a * self.mlp(x)
+
+
+class LipschitzTransformer(nn.Module):
+    """Paper-style transformer: ``logits = lm_head(blocks(embed(tokens)))``.
+
+    :meth:`forward_embeddings` runs the network on already-embedded inputs ``(B, T, dim)``; that
+    map is the one :func:`fx_spectral.lipschitz.lipschitz_bound` certifies (for inputs whose rows
+    have l2 norm at most ``embed_max_norm``).
+    """
+
+    def __init__(self, cfg: LipschitzTransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim, max_norm=cfg.embed_max_norm)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Orthogonal hidden weights (every singular value 1 in RMS->RMS units), small head,
+        embedding rows drawn on the sphere of radius ``embed_max_norm`` (or unit RMS)."""
+        cfg = self.config
+        for block in self.layers:
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.attn.wo, block.mlp.fc_in, block.mlp.fc_out):
+                nn.init.orthogonal_(lin.weight)
+                out_f, in_f = lin.weight.shape
+                lin.weight.mul_(math.sqrt(out_f / in_f))  # l2 norm sqrt(out/in) == RMS->RMS norm 1
+        radius = cfg.embed_max_norm if cfg.embed_max_norm is not None else math.sqrt(cfg.dim)
+        emb = torch.randn_like(self.tok_emb.weight)
+        self.tok_emb.weight.copy_(emb * (radius / emb.norm(dim=1, keepdim=True)))
+        nn.init.normal_(self.lm_head.weight, std=1.0 / cfg.dim)
+
+    def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks and head on embedded inputs ``x`` of shape ``(B, T, dim)``."""
+        for block in self.layers:
+            x = block(x)
+        return self.lm_head(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_embeddings(self.tok_emb(tokens))

@@ -1,0 +1,104 @@
+"""A quick run of the Lipschitz-transformer demo: outputs written, caps respected, bound certified."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fx_spectral.demos import lipschitz as demo
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # many tiny ops: a second intra-op thread only adds synchronisation (and crawls on a busy machine)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return demo.load_stdlib_corpus()
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = demo.DemoConfig(
+        steps=6, batch_size=4, seq_len=16, dim=16, n_layers=2, n_heads=2, eval_batches=2, log_every=2,
+        w_max=1.0, w_max_qk=0.8, w_max_head=2.0,
+    )
+    metrics = demo.run(cfg, out=out, progress=False, corpus=corpus)
+    return cfg, out, metrics
+
+
+def test_corpus_split_by_file_is_deterministic(corpus):
+    train, val, info = corpus
+    assert info["train_files"] > 0 and info["val_files"] > 0
+    assert int(train.max()) < demo.VOCAB_SIZE and int(train.min()) >= 0
+    train2, val2, _ = demo.load_stdlib_corpus()
+    assert train2.equal(train) and val2.equal(val)
+    # validation is ~10% of the files, never the same text as the start of train
+    assert 0.02 < len(val) / (len(train) + len(val)) < 0.3
+
+
+def test_outputs_written(result):
+    _, out, metrics = result
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["models"].keys() == {"constrained", "twin"}
+    png = (out / "lipschitz_demo.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for m in on_disk["models"].values():
+        assert 0 <= m["val_accuracy"] <= 1
+        assert math.isfinite(m["val_loss"])
+        assert len(m["history"]) == 4  # steps 0, 2, 4 and the last one
+        assert set(m["max_activations"]) == {"tok_emb", "layers.0", "layers.1", "lm_head"}
+
+
+def test_constrained_weights_respect_caps_and_bound(result):
+    cfg, _, metrics = result
+    c = metrics["models"]["constrained"]
+    for name, sigma in c["rms_norms"].items():
+        if name.startswith("layers."):
+            cap = cfg.w_max_qk if (".wq." in name or ".wk." in name) else cfg.w_max
+            assert sigma <= cap * (1 + 1e-3), name
+    # the head is capped in l2 units (power-iteration estimate: allow 2%)
+    assert c["bound_terms"]["lm_head"] <= cfg.w_max_head * 1.02
+    assert c["lipschitz_bound"] == pytest.approx(math.prod(c["bound_terms"].values()))
+    # constrain()'s own report agrees with the exact norms
+    for name, sigma in c["rms_norms"].items():
+        if name.startswith("layers."):
+            assert c["constrain_report"][name]["sigma"] == pytest.approx(sigma, rel=1e-4)
+    # the bound the caps allow: attention (1-a) + a*b, MLP (1-a) + a*w^2*1.0000037, head
+    a = 1 / (2 * cfg.n_layers)
+    r2 = cfg.dim  # radius sqrt(dim)
+    dh = cfg.dim // cfg.n_heads
+    b = cfg.w_max**2 * (1 + 2 * cfg.w_max_qk**2 * r2 / dh) * math.sqrt(cfg.n_heads)
+    allowed = ((1 - a) + a * b) ** cfg.n_layers * ((1 - a) + a * cfg.w_max**2 * 1.0001) ** cfg.n_layers
+    assert c["lipschitz_bound"] <= allowed * cfg.w_max_head * 1.03
+    assert metrics["models"]["twin"]["lipschitz_bound"] > 0
+
+
+def test_cli_arguments(tmp_path, capsys, corpus, monkeypatch):
+    monkeypatch.setattr(demo, "load_stdlib_corpus", lambda: corpus)
+    status = demo.main([
+        "--steps", "2", "--dim", "8", "--layers", "1", "--heads", "1", "--seq-len", "8", "--batch-size", "2",
+        "--w-max", "0.5", "--method", "pure_svd", "--out", str(tmp_path), "--no-progress",
+    ])
+    assert status == 0
+    text = capsys.readouterr().out
+    assert "certified Lipschitz bound" in text and "validation accuracy" in text
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["method"] == "pure_svd"
+    for name, sigma in metrics["models"]["constrained"]["rms_norms"].items():
+        if name.startswith("layers.") and ".wq." not in name and ".wk." not in name:
+            assert sigma <= 0.5 * (1 + 1e-4), name
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="DemoConfig.steps"):
+        demo.DemoConfig(steps=0)
+    with pytest.raises(ValueError, match="DemoConfig.w_max"):
+        demo.DemoConfig(w_max=-1.0)
