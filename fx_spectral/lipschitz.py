@@ -85,8 +85,9 @@ def _activation_lipschitz(module: nn.Module) -> float | None:
         return max(1.0, module.alpha)
     if isinstance(module, nn.Sigmoid):
         return 0.25
-    if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign,
-                           nn.Identity, nn.Dropout, nn.Flatten)):
+    if isinstance(
+        module, (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Identity, nn.Dropout, nn.Flatten)
+    ):
         return 1.0
     return None
 

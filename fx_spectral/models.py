@@ -75,9 +75,7 @@ class LipschitzTransformerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LipschitzTransformerConfig.{name}: expected a positive int, got {value!r}")
         if self.dim % self.n_heads:
-            raise ValueError(
-                f"LipschitzTransformerConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}"
-            )
+            raise ValueError(f"LipschitzTransformerConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(
                 f"LipschitzTransformerConfig: head dim {self.dim // self.n_heads} must be even for rotary embeddings"

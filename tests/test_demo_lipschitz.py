@@ -27,8 +27,17 @@ def corpus():
 def result(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("demo")
     cfg = demo.DemoConfig(
-        steps=6, batch_size=4, seq_len=16, dim=16, n_layers=2, n_heads=2, eval_batches=2, log_every=2,
-        w_max=1.0, w_max_qk=0.8, w_max_head=2.0,
+        steps=6,
+        batch_size=4,
+        seq_len=16,
+        dim=16,
+        n_layers=2,
+        n_heads=2,
+        eval_batches=2,
+        log_every=2,
+        w_max=1.0,
+        w_max_qk=0.8,
+        w_max_head=2.0,
     )
     metrics = demo.run(cfg, out=out, progress=False, corpus=corpus)
     return cfg, out, metrics
@@ -83,10 +92,29 @@ def test_constrained_weights_respect_caps_and_bound(result):
 
 def test_cli_arguments(tmp_path, capsys, corpus, monkeypatch):
     monkeypatch.setattr(demo, "load_stdlib_corpus", lambda: corpus)
-    status = demo.main([
-        "--steps", "2", "--dim", "8", "--layers", "1", "--heads", "1", "--seq-len", "8", "--batch-size", "2",
-        "--w-max", "0.5", "--method", "pure_svd", "--out", str(tmp_path), "--no-progress",
-    ])
+    status = demo.main(
+        [
+            "--steps",
+            "2",
+            "--dim",
+            "8",
+            "--layers",
+            "1",
+            "--heads",
+            "1",
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "2",
+            "--w-max",
+            "0.5",
+            "--method",
+            "pure_svd",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert status == 0
     text = capsys.readouterr().out
     assert "certified Lipschitz bound" in text and "validation accuracy" in text

@@ -142,8 +142,10 @@ def test_transformer_terms_match_exact_norms():
     assert terms[1].factor == pytest.approx((1 - a) + a * prod * 1.12890415 / 1.1289, rel=1e-9)
     assert terms[-1].factor == pytest.approx(torch.linalg.svdvals(model.lm_head.weight)[0].item(), rel=1e-9)
     # attention with one head, by hand
-    wq, wk, wv, wo = (w.weight.detach() for w in (model.layers[0].attn.wq, model.layers[0].attn.wk,
-                                                   model.layers[0].attn.wv, model.layers[0].attn.wo))
+    wq, wk, wv, wo = (
+        w.weight.detach()
+        for w in (model.layers[0].attn.wq, model.layers[0].attn.wk, model.layers[0].attn.wv, model.layers[0].attn.wo)
+    )
     s = lambda m: torch.linalg.svdvals(m)[0].item()  # noqa: E731
     rows = [slice(0, 8), slice(8, 16)]  # two heads of 8
     b = [s(wv[h]) * (1 + 2 * s(wq[h]) * s(wk[h]) * 3.0**2 / 8) for h in rows]

@@ -255,8 +255,14 @@ def _train(name, model, optimizers, timers, train, cfg: DemoConfig, progress: bo
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg: DemoConfig = DemoConfig(), *, out: str | Path = "fx_spectral_demo", progress: bool = True,
-        corpus: tuple[Tensor, Tensor, dict] | None = None, stream=None) -> dict:
+def run(
+    cfg: DemoConfig = DemoConfig(),
+    *,
+    out: str | Path = "fx_spectral_demo",
+    progress: bool = True,
+    corpus: tuple[Tensor, Tensor, dict] | None = None,
+    stream=None,
+) -> dict:
     """Train both models, write ``metrics.json`` and ``lipschitz_demo.png`` to ``out``, return the metrics."""
     stream = stream if stream is not None else sys.stdout
     t_start = time.perf_counter()
@@ -271,8 +277,12 @@ def run(cfg: DemoConfig = DemoConfig(), *, out: str | Path = "fx_spectral_demo",
 
     torch.manual_seed(cfg.seed)
     mcfg = LipschitzTransformerConfig(
-        vocab_size=VOCAB_SIZE, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-        max_seq_len=cfg.seq_len, embed_max_norm=cfg.radius,
+        vocab_size=VOCAB_SIZE,
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        max_seq_len=cfg.seq_len,
+        embed_max_norm=cfg.radius,
     )
     constrained = LipschitzTransformer(mcfg)
     twin = copy.deepcopy(constrained)
@@ -301,9 +311,7 @@ def run(cfg: DemoConfig = DemoConfig(), *, out: str | Path = "fx_spectral_demo",
             "history": hist,
         }
     # constrain()'s own view: sigma of every projected weight in RMS->RMS units, and its cap.
-    metrics["models"]["constrained"]["constrain_report"] = {
-        k: v for h in handles for k, v in h.report().items()
-    }
+    metrics["models"]["constrained"]["constrain_report"] = {k: v for h in handles for k, v in h.report().items()}
     metrics["wall_s"] = time.perf_counter() - t_start
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,9 +390,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seq-len", type=int, default=d.seq_len)
     a("--batch-size", type=int, default=d.batch_size)
     a("--seed", type=int, default=d.seed)
-    a("--threads", type=int, default=1,
-      help="torch.set_num_threads; 0 keeps torch's choice (default 1: many small ops, and a busy "
-           "machine makes multi-threaded small ops crawl)")
+    a(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads; 0 keeps torch's choice (default 1: many small ops, and a busy "
+        "machine makes multi-threaded small ops crawl)",
+    )
     a("--out", default="./fx_spectral_demo/", help="output directory (default %(default)s)")
     a("--no-progress", action="store_true", help="no progress bar")
 
@@ -402,10 +414,20 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def _run_args(args: argparse.Namespace) -> None:
     cfg = DemoConfig(
-        steps=args.steps, method=args.method, w_max=args.w_max, w_max_qk=args.w_max_qk,
-        w_max_head=args.w_max_head, muon_lr=args.muon_lr, adamw_lr=args.adamw_lr, twin_lr=args.twin_lr,
-        dim=args.dim, n_layers=args.layers, n_heads=args.heads, seq_len=args.seq_len,
-        batch_size=args.batch_size, seed=args.seed,
+        steps=args.steps,
+        method=args.method,
+        w_max=args.w_max,
+        w_max_qk=args.w_max_qk,
+        w_max_head=args.w_max_head,
+        muon_lr=args.muon_lr,
+        adamw_lr=args.adamw_lr,
+        twin_lr=args.twin_lr,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     run(cfg, out=args.out, progress=not args.no_progress)
 
