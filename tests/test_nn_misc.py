@@ -169,6 +169,12 @@ def test_compile_zero_graph_breaks():
     explanation = torch._dynamo.explain(model)(torch.randn(2, 2, 6))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    # a Lazy model that has never run: dynamo materializes it (u/v included) before tracing
+    lazy = nn.Sequential(nn.LazyConv1d(3, 3), nn.Flatten(), nn.LazyLinear(2))
+    apply_spectral_norm(lazy)
+    explanation = torch._dynamo.explain(lazy)(torch.randn(2, 2, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert type(lazy[2])._sn_base is nn.Linear and lazy[2].weight_u.shape == (2,)
 
 
 def test_compile_default_backend_matches_eager_without_recompiles():
