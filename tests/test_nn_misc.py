@@ -175,6 +175,10 @@ def test_compile_zero_graph_breaks():
     explanation = torch._dynamo.explain(lazy)(torch.randn(2, 2, 6))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert type(lazy[2])._sn_base is nn.Linear and lazy[2].weight_u.shape == (2,)
+    # the generic path (a property serves W / sigma while forward runs)
+    bil = spectral_norm(nn.Bilinear(3, 4, 2))
+    explanation = torch._dynamo.explain(bil)(torch.randn(2, 3), torch.randn(2, 4))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_compile_default_backend_matches_eager_without_recompiles():
