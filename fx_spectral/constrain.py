@@ -110,7 +110,33 @@ class SpectralWeightDecay(SpectralNormalize):
 
 
 @dataclass(frozen=True, kw_only=True)
-class HardCap(_Method):
+class _Polynomial(_Method):
+    """Methods made of matrix products (hard cap, soft cap, orthogonalize).
+
+    ``matmul_dtype``: dtype of the products. ``"auto"`` (default): bf16 for weights that
+    torch.optim.Muon updates (Muon computes its own update in bf16), else the compute dtype;
+    ``None``: the compute dtype. With bf16 products only the polynomial's correction term is
+    rounded; the weight keeps its precision.
+    """
+
+    matmul_dtype: torch.dtype | str | None = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        m = self.matmul_dtype
+        if not (m is None or m == "auto" or (isinstance(m, torch.dtype) and m.is_floating_point)):
+            raise TypeError(
+                f"{type(self).__name__}: matmul_dtype must be 'auto', None or a floating torch.dtype, got {m!r}"
+            )
+
+    def products_dtype(self, ctx: ProjectionContext) -> torch.dtype | None:
+        if self.matmul_dtype == "auto":
+            return torch.bfloat16 if ctx.muon else None
+        return self.matmul_dtype
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardCap(_Polynomial):
     """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or ``exact``."""
 
     name: ClassVar[str] = "hard_cap"
@@ -118,7 +144,7 @@ class HardCap(_Method):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SoftCap(_Method):
+class SoftCap(_Polynomial):
     r"""Soft cap :math:`f(\sigma)=\sigma-3\alpha^2\sigma^5+3\alpha^3\sigma^7-\alpha^4\sigma^9`.
 
     ``alpha=None``: coupled to the optimizer (:func:`fx_spectral.constraints.soft_cap_coupling`)
@@ -149,7 +175,7 @@ class PureSVD(_Method):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Orthogonalize(_Method):
+class Orthogonalize(_Polynomial):
     """Every singular value → w_max (``sensitive_to_wmax``) or 1: Newton–Schulz (``steps``) or ``exact`` SVD."""
 
     name: ClassVar[str] = "orthogonalize"
@@ -211,6 +237,7 @@ class ProjectionContext:
     get_vectors: Callable[[], tuple[Tensor, Tensor] | None] = lambda: None
     put_vectors: Callable[[Tensor, Tensor], None] = lambda u, v: None
     seed: int = 0
+    muon: bool = False
 
 
 def _compute_dtype(cfg: _Method, dtype: torch.dtype) -> torch.dtype:
@@ -251,7 +278,7 @@ def _soft_cap(X: Tensor, cfg: SoftCap, ctx: ProjectionContext) -> Tensor:
         if eta is None:
             raise RuntimeError("soft cap coupling needs the max update norm (pass max_update_norm=)")
         alpha = _coupling(cap, ctx.decay, eta / unit)
-    return C.soft_cap(X / unit, alpha) * unit
+    return C.soft_cap(X / unit, alpha, matmul_dtype=cfg.products_dtype(ctx)) * unit
 
 
 @functools.lru_cache(maxsize=4096)
@@ -260,7 +287,7 @@ def _coupling(w_max: float, decay: float, eta: float) -> float:
 
 
 def _orthogonalize(X: Tensor, cfg: Orthogonalize, ctx: ProjectionContext) -> Tensor:
-    Y = C.orthogonalize(X, steps=cfg.steps, exact=cfg.exact)
+    Y = C.orthogonalize(X, steps=cfg.steps, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx))
     return Y * ctx.w_max if cfg.sensitive_to_wmax else Y
 
 
@@ -268,7 +295,7 @@ _HANDLERS: dict[type[_Method], Callable[[Tensor, Any, ProjectionContext], Tensor
     SpectralNormalize: lambda X, cfg, ctx: C.spectral_normalize(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
     SpectralHammer: lambda X, cfg, ctx: C.spectral_hammer(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
     SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx)),
-    HardCap: lambda X, cfg, ctx: C.hard_cap(X, ctx.w_max, exact=cfg.exact),
+    HardCap: lambda X, cfg, ctx: C.hard_cap(X, ctx.w_max, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx)),
     SoftCap: _soft_cap,
     PureSVD: lambda X, cfg, ctx: C.pure_svd(X, ctx.w_max),
     Orthogonalize: _orthogonalize,
@@ -533,6 +560,7 @@ class Constraint:
             get_vectors=lambda: self._get_vectors(t, key),
             put_vectors=lambda u, v: self._put_vectors(t, key, u, v),
             seed=zlib.crc32(t.name(key).encode()),
+            muon=_is_muon_group(t.group),
         )
 
     # --- projection ----------------------------------------------------------------------------

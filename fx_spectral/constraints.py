@@ -129,16 +129,27 @@ def _gram(X: Tensor) -> Tensor:
     return X @ X.mT
 
 
-def _odd_poly_(X: Tensor, coefficients, normalize_frobenius: bool = False) -> Tensor:
-    """Apply σ ← σ(a + bσ² + cσ⁴) steps (c may be 0) to every singular value of ``X``."""
+def _odd_poly_(
+    X: Tensor, coefficients, normalize_frobenius: bool = False, matmul_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Apply σ ← σ(a + bσ² + cσ⁴) steps (c may be 0) to every singular value of ``X``.
+
+    ``matmul_dtype`` (e.g. bf16 for an fp32 ``X``): the products run in that dtype and only the
+    correction term ``(bA + cA²)X`` is rounded; ``aX`` and the sum stay in ``X.dtype``.
+    """
     shape = X.shape
     X, transposed = _wide(_flat3(X))
     if normalize_frobenius:
         norm = torch.linalg.matrix_norm(X, keepdim=True).clamp_min(1e-7)
         X = X / norm
+    low = matmul_dtype is not None and matmul_dtype != X.dtype
     for a, b, c in coefficients:
-        A = _gram(X)
-        if c == 0:  # a X + b (X Xᵀ) X: two products per step (the soft cap)
+        Xm = X.to(matmul_dtype) if low else X
+        A = _gram(Xm)
+        if low:
+            P = A @ Xm if c == 0 else _addmm(A, A, A, beta=b, alpha=c) @ Xm
+            X = torch.add(X * a if a != 1 else X, P.to(X.dtype), alpha=b if c == 0 else 1.0)
+        elif c == 0:  # a X + b (X Xᵀ) X: two products per step (the soft cap)
             X = _addmm(X, A, X, beta=a, alpha=b)
         else:  # a X + (b A + c A²) X: three products per step
             X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
@@ -329,7 +340,9 @@ def spectral_weight_decay(
 # --------------------------------------------------------------------------------------------
 
 
-def soft_cap(W: Tensor, alpha: float, *, dtype: torch.dtype | None = None) -> Tensor:
+def soft_cap(
+    W: Tensor, alpha: float, *, dtype: torch.dtype | None = None, matmul_dtype: torch.dtype | None = None
+) -> Tensor:
     r"""Soft cap: :math:`X \leftarrow X - \alpha X X^\top X`, then :math:`X \leftarrow X + \alpha X X^\top X`.
 
     Each singular value is mapped by :math:`f(\sigma) = \sigma - 3\alpha^2\sigma^5 + 3\alpha^3\sigma^7
@@ -340,6 +353,8 @@ def soft_cap(W: Tensor, alpha: float, *, dtype: torch.dtype | None = None) -> Te
         W: ``(..., m, n)``.
         alpha: the strength, ``>= 0``.
         dtype: compute dtype (default ``W.dtype``; bf16 works).
+        matmul_dtype: dtype of the matrix products only (e.g. bf16, Muon's precision): the
+            correction ``∓αXXᵀX`` is rounded, ``X`` itself keeps ``dtype``'s precision.
 
     Example::
 
@@ -351,11 +366,18 @@ def soft_cap(W: Tensor, alpha: float, *, dtype: torch.dtype | None = None) -> Te
     if alpha < 0 or not math.isfinite(alpha):
         raise ValueError(f"soft_cap: alpha must be a finite number >= 0, got {alpha}")
     X = _compute(W, dtype)
-    Y = _odd_poly_(X, ((1.0, -alpha, 0.0), (1.0, alpha, 0.0)))
+    Y = _odd_poly_(X, ((1.0, -alpha, 0.0), (1.0, alpha, 0.0)), matmul_dtype=matmul_dtype)
     return Y.to(W.dtype)
 
 
-def hard_cap(W: Tensor, w_max: float = 1.0, *, exact: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+def hard_cap(
+    W: Tensor,
+    w_max: float = 1.0,
+    *,
+    exact: bool = False,
+    dtype: torch.dtype | None = None,
+    matmul_dtype: torch.dtype | None = None,
+) -> Tensor:
     r"""Cap every singular value at ``w_max``: approximately (the paper's polynomial) or exactly.
 
     Polynomial mode (default): four odd steps :math:`\sigma \leftarrow \sigma(a + b\sigma^2 +
@@ -375,7 +397,7 @@ def hard_cap(W: Tensor, w_max: float = 1.0, *, exact: bool = False, dtype: torch
         raise ValueError(f"hard_cap: w_max must be > 0, got {w_max}")
     X = _compute(W, dtype)
     if not exact:
-        return (_odd_poly_(X / w_max, HARD_CAP_COEFFICIENTS) * w_max).to(W.dtype)
+        return (_odd_poly_(X / w_max, HARD_CAP_COEFFICIENTS, matmul_dtype=matmul_dtype) * w_max).to(W.dtype)
     edtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     Xe, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
     lam, Q = torch.linalg.eigh(_gram(Xe))
@@ -410,6 +432,7 @@ def orthogonalize(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     exact: bool = False,
     dtype: torch.dtype | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Send every singular value towards 1: :math:`\approx U V^\top` (Newton–Schulz quintic).
 
@@ -430,7 +453,7 @@ def orthogonalize(
         U, _, Vh = torch.linalg.svd(X.to(sdtype), full_matrices=False)
         return (U @ Vh).to(W.dtype)
     a, b, c = coefficients
-    return _odd_poly_(X, ((a, b, c),) * steps, normalize_frobenius=True).to(W.dtype)
+    return _odd_poly_(X, ((a, b, c),) * steps, normalize_frobenius=True, matmul_dtype=matmul_dtype).to(W.dtype)
 
 
 # --------------------------------------------------------------------------------------------

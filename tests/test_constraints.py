@@ -236,3 +236,17 @@ def test_bad_inputs():
         C.pure_svd(torch.randn(3, 3), 0.0)
     with pytest.raises(ValueError, match="wd"):
         C.spectral_weight_decay(torch.randn(3, 3), 1.5)
+
+
+@pytest.mark.parametrize("name", ["soft_cap", "hard_cap", "orthogonalize"])
+def test_bf16_products_keep_the_weight_precision(name):
+    op = {"soft_cap": lambda W, **k: C.soft_cap(W, 0.3, **k), "hard_cap": C.hard_cap, "orthogonalize": C.orthogonalize}
+    W = with_spectrum(spectrum(24, hi=1.2), 24, 40, dtype=torch.float32)
+    ref = op[name](W.double())
+    Y = op[name](W, matmul_dtype=torch.bfloat16)
+    assert Y.dtype == torch.float32
+    err = (Y.double() - ref).abs().max().item()
+    assert err < 0.03
+    if name != "orthogonalize":  # only the correction term is rounded: better than computing in bf16
+        all_bf16 = (op[name](W, dtype=torch.bfloat16).double() - ref).abs().max().item()
+        assert err < 0.5 * all_bf16
