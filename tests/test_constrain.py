@@ -412,3 +412,20 @@ def test_bf16_vectors_stay_float32_across_load_state_dict():
     handle = constrain(model, opt2, "spectral_normalize")
     u, _ = handle._get_vectors(handle._targets[0], None)
     assert u.dtype == torch.float32 and opt2.state[model[0].weight]["spectral_u"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("matmul_dtype", ["auto", None])
+def test_muon_weights_get_bf16_products_by_default(matmul_dtype):
+    model = mlp()
+    weights = [model[i].weight for i in (0, 2, 4)]
+    muon = torch.optim.Muon(weights, lr=0.01)
+    cap = Capture(model, muon)
+    constrain(model, muon, "soft_cap", alpha=0.2, matmul_dtype=matmul_dtype)
+    model(torch.randn(4, 8)).sum().backward()
+    muon.step()
+    W0 = cap.before["2.weight"]  # 32 × 32: scale 1
+    products = torch.bfloat16 if matmul_dtype == "auto" else None
+    expected = C.soft_cap(W0, 0.2, matmul_dtype=products)
+    torch.testing.assert_close(model[2].weight.detach(), expected, rtol=0, atol=1e-6)
+    if matmul_dtype == "auto":
+        assert not torch.allclose(model[2].weight.detach(), C.soft_cap(W0, 0.2), rtol=0, atol=1e-6)
