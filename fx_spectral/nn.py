@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -749,8 +750,18 @@ def apply_spectral_norm(
     _check_options(n_power_iterations, eps, "apply_spectral_norm")
     plan: list[tuple[nn.Module, dict[str, _SNParam]]] = []
     done: list[str] = []
+    # MultiheadAttention reads out_proj.weight itself (F.multi_head_attention_forward), never
+    # calling out_proj: normalizing it here would change nothing, so say so instead.
+    read_by_parent = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for fqn, module in model.named_modules():
         if not isinstance(module, SUPPORTED_MODULES) or (filter_fn is not None and not filter_fn(module, fqn)):
+            continue
+        if id(module) in read_by_parent:
+            warnings.warn(
+                f"apply_spectral_norm: skipping {fqn!r}: MultiheadAttention reads its weight directly, so the "
+                "eager API cannot normalize it; use torch.compile(model, backend='spectral') for such models",
+                stacklevel=2,
+            )
             continue
         todo = [n for n in names if not is_spectral_normalized(module, n)]
         where = fqn or type(module).__name__

@@ -507,3 +507,22 @@ def test_meta_device_build_then_to_empty():
     u = model[0].weight_u.clone()
     model.to_empty(device="cpu")
     assert torch.equal(model[0].weight_u, u)
+
+
+def test_apply_skips_multihead_attention_out_proj_with_a_warning():
+    # MultiheadAttention reads out_proj.weight itself: normalizing out_proj would be a no-op.
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)
+    with pytest.warns(UserWarning, match="self_attn.out_proj"):
+        done = apply_spectral_norm(layer)
+    assert done == ["linear1.weight", "linear2.weight"]
+    assert not is_spectral_normalized(layer.self_attn.out_proj)
+    # The supported way for the attention block: the stacked QKV weight through the generic path.
+    spectral_norm(layer.self_attn, "in_proj_weight")
+    x = torch.randn(3, 5, 16)
+    layer.eval()
+    w = layer.self_attn.in_proj_weight
+    sigma = fx_spectral.spectral_sigma(layer.self_attn, "in_proj_weight")
+    ref = copy.deepcopy(layer)
+    remove_spectral_norm(ref.self_attn, "in_proj_weight")  # bakes W/sigma into a plain module
+    torch.testing.assert_close(layer(x), ref(x))
+    torch.testing.assert_close(ref.self_attn.in_proj_weight, w.detach() / sigma)
