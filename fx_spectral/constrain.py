@@ -253,9 +253,9 @@ def project_matrix(matrix: Tensor, cfg: _Method, ctx: ProjectionContext, *, scal
     single seam every per-weight projection goes through (sub-views of a fused weight, shards
     gathered by a distributed implementation).
     """
-    X = matrix.to(_compute_dtype(cfg, matrix.dtype)) / scale
+    X = matrix.to(_compute_dtype(cfg, matrix.dtype)) / scale  # a fresh tensor: handlers may reuse it
     Y = _HANDLERS[type(cfg)](X, cfg, ctx)
-    return (Y * scale).to(matrix.dtype)
+    return Y.mul_(scale).to(matrix.dtype)  # NB: in place on the handler's fresh result
 
 
 def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext):
@@ -278,7 +278,9 @@ def _soft_cap(X: Tensor, cfg: SoftCap, ctx: ProjectionContext) -> Tensor:
         if eta is None:
             raise RuntimeError("soft cap coupling needs the max update norm (pass max_update_norm=)")
         alpha = _coupling(cap, ctx.decay, eta / unit)
-    return C.soft_cap(X / unit, alpha, matmul_dtype=cfg.products_dtype(ctx)) * unit
+    if unit == 1.0:
+        return C.soft_cap(X, alpha, matmul_dtype=cfg.products_dtype(ctx))
+    return C.soft_cap(X / unit, alpha, matmul_dtype=cfg.products_dtype(ctx)).mul_(unit)
 
 
 @functools.lru_cache(maxsize=4096)

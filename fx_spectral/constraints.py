@@ -148,7 +148,8 @@ def _odd_poly_(
         A = _gram(Xm)
         if low:
             P = A @ Xm if c == 0 else _addmm(A, A, A, beta=b, alpha=c) @ Xm
-            X = torch.add(X * a if a != 1 else X, P.to(X.dtype), alpha=b if c == 0 else 1.0)
+            # (type promotion: the low-precision product is added to X in X's dtype, no extra pass)
+            X = torch.add(X * a if a != 1 else X, P, alpha=b if c == 0 else 1.0)
         elif c == 0:  # a X + b (X Xᵀ) X: two products per step (the soft cap)
             X = _addmm(X, A, X, beta=a, alpha=b)
         else:  # a X + (b A + c A²) X: three products per step
