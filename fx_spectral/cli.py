@@ -27,8 +27,9 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        help="run the main demo (for now: the spectral-normalized MLP demo, as sn-demo)",
-        module="fx_spectral.demos.sn_mlp",
+        help="train a Lipschitz transformer (Muon + soft cap) next to an unconstrained twin on Python's "
+        "stdlib source; print accuracy, certified Lipschitz bounds, norms, activations; write a plot and JSON",
+        module="fx_spectral.demos.lipschitz",
     ),
     "sn-demo": Command(
         help="train a spectral-normalized MLP next to its plain twin; print sigmas and Lipschitz bounds",
