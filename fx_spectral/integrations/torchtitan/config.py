@@ -103,6 +103,10 @@ class SpectralConfig:
     log_per_layer: bool = True
     """Log one metric per weight (spectral/sigma/<name>); False: only max / mean / timing."""
 
+    timing_interval: int = 10
+    """Time the projection against the optimizer step every this many steps (0: never). On CUDA
+    a timed step synchronizes the device three times."""
+
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
             raise ValueError(f"spectral.method: expected one of {list(METHOD_NAMES)}, got {self.method!r}")
@@ -118,8 +122,10 @@ class SpectralConfig:
                 raise ValueError(f"spectral.{name}: expected a number >= 0 or None, got {value!r}")
         if not isinstance(self.n_iter, int) or self.n_iter < 1:
             raise ValueError(f"spectral.n_iter: expected an int >= 1, got {self.n_iter!r}")
-        if not isinstance(self.log_interval, int) or self.log_interval < 0:
-            raise ValueError(f"spectral.log_interval: expected an int >= 0, got {self.log_interval!r}")
+        for name in ("log_interval", "timing_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"spectral.{name}: expected an int >= 0, got {value!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):

@@ -132,24 +132,32 @@ class SpectralRun:
         self._projection_s: list[float] = []
         self._optimizer_s: list[float] = []
         self._logs = 0
+        self._steps = 0
+        self._timed = False
 
-    # --- timing hooks (registered around constrain's own post-hook) ---------------------------
+    # --- timing hooks (registered around constrain's own post-hook), every timing_interval steps -
     def _sync(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
     def _pre(self, *args) -> None:
-        self._sync()
-        self._t_pre = time.perf_counter()
+        every = self.config.timing_interval
+        self._timed = every > 0 and self._steps % every == 0
+        self._steps += 1
+        if self._timed:
+            self._sync()
+            self._t_pre = time.perf_counter()
 
     def _post_optimizer(self, *args) -> None:
-        self._sync()
-        self._t_opt = time.perf_counter()
-        self._optimizer_s.append(self._t_opt - self._t_pre)
+        if self._timed:
+            self._sync()
+            self._t_opt = time.perf_counter()
+            self._optimizer_s.append(self._t_opt - self._t_pre)
 
     def _post_projection(self, *args) -> None:
-        self._sync()
-        self._projection_s.append(time.perf_counter() - self._t_opt)
+        if self._timed:
+            self._sync()
+            self._projection_s.append(time.perf_counter() - self._t_opt)
 
     # --- metrics -------------------------------------------------------------------------------
     def metrics(self, *, per_layer: bool | None = None, exact: bool | None = None) -> dict[str, float]:
