@@ -194,6 +194,12 @@ def sharded_matrices(
     lshape, offset = compute_local_shape_and_global_offset(gshape, mesh, placements)
     group, ranks = _mesh_group(mesh)
     contributes = _contributes(mesh, placements)
+    if views is None and len(gshape) == 2 and dim == 0:
+        # A plain 2-D weight: the local shard is the block (no index bookkeeping, any size).
+        rows = torch.arange(offset[0], offset[0] + lshape[0])
+        cols = torch.arange(offset[1], offset[1] + lshape[1])
+        mat = ShardedMatrix(param, "", gshape, rows, cols, False, contributes, group, ranks, _start=0)
+        return _agree_rows_only([mat], group)
 
     index = torch.arange(math.prod(gshape), dtype=torch.int64).view(gshape)
     if views is None:
@@ -236,10 +242,13 @@ def sharded_matrices(
                 mat._row_base, mat._col_off = row_base, col_off
         out.append(mat)
 
+    return _agree_rows_only(out, group)
+
+
+def _agree_rows_only(out: list[ShardedMatrix], group) -> list[ShardedMatrix]:
     # Rows-only layout is a global property: agree on it (one small collective at setup).
-    flags = torch.tensor(
-        [1 if (m.rows.numel() == 0 or m.cols.numel() == m.shape[1]) else 0 for m in out], dtype=torch.int32
-    )
+    flags = [1 if (m.rows.numel() == 0 or m.cols.numel() == m.shape[1]) else 0 for m in out]
+    flags = torch.tensor(flags, dtype=torch.int32)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
     for mat, f in zip(out, flags.tolist()):
         mat.rows_only = bool(f)

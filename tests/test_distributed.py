@@ -47,8 +47,8 @@ class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.wqkv = nn.Linear(DIM, N_KV * (HEADS_PER_KV + 2) * HEAD_DIM, bias=False)
-        self.up = nn.Linear(N_KV * (HEADS_PER_KV + 2) * HEAD_DIM, 24)
-        self.down = nn.Linear(24, DIM)
+        self.up = nn.Linear(N_KV * (HEADS_PER_KV + 2) * HEAD_DIM, 22)  # 22 rows: uneven shards on 4 ranks
+        self.down = nn.Linear(22, DIM)
 
     def forward(self, x):
         return x + self.down(torch.relu(self.up(torch.tanh(self.wqkv(x)))))
