@@ -650,7 +650,9 @@ class Constraint:
                 else:
                     prev = self._get_vectors(t, key)
                     u, v = (None, None) if prev is None else prev
-                    raw = float(C.power_iterate(m, 2 if prev is not None else None, u=u, v=v)[1])
+                    gen = torch.Generator(device=m.device).manual_seed(zlib.crc32(t.name(key).encode()))
+                    # (a private generator: reporting never moves the global RNG)
+                    raw = float(C.power_iterate(m, 2 if prev is not None else None, u=u, v=v, generator=gen)[1])
                 scale = _scale(m)
                 out[t.name(key)] = {"sigma": raw / scale, "sigma_raw": raw, "w_max": t.w_max[key], "scale": scale}
         if activations:

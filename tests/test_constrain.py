@@ -351,6 +351,14 @@ def test_bad_input_raises_before_registering(kwargs, exc, match, module_snapshot
     same(before, snapshot(model))
 
 
+def test_report_estimate_leaves_the_global_rng_alone():
+    model = mlp()
+    handle = constrain(model, torch.optim.SGD(model.parameters(), lr=0.1), "soft_cap", alpha=0.1)
+    state = torch.get_rng_state()
+    handle.report(exact=False)  # no stored vectors: a fresh, privately seeded estimate
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_handle_type_and_repr():
     model = mlp()
     handle = constrain(model, torch.optim.SGD(model.parameters(), lr=0.1), "hard_cap")
