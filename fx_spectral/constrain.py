@@ -370,8 +370,14 @@ class _Target:
     param: nn.Parameter
     dim: int
     optimizer: torch.optim.Optimizer  # the optimizer that owns the param's state
-    group: dict
+    group_index: int
     w_max: dict  # sub-view key (None: the whole weight) -> w_max
+
+    @property
+    def group(self) -> dict:
+        # Looked up at every use: load_state_dict() replaces the param-group dicts, and
+        # schedulers change their lr in place.
+        return self.optimizer.param_groups[self.group_index]
 
     def name(self, key: str | None) -> str:
         return self.fqn if key is None else f"{self.fqn}[{key}]"
@@ -417,16 +423,16 @@ def _patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
     return patterns
 
 
-def _param_owner(optimizer: torch.optim.Optimizer) -> dict[int, tuple[torch.optim.Optimizer, dict]]:
-    # id(param) -> (optimizer owning its state, its param group). A container with an
+def _param_owner(optimizer: torch.optim.Optimizer) -> dict[int, tuple[torch.optim.Optimizer, int]]:
+    # id(param) -> (optimizer owning its state, index of its param group). A container with an
     # ``optimizers`` list (TorchTitan's OptimizersContainer) keeps state in its members.
     members = getattr(optimizer, "optimizers", None)
     members = [o for o in members if isinstance(o, torch.optim.Optimizer)] if isinstance(members, (list, tuple)) else []
     out = {}
     for opt in members or [optimizer]:
-        for group in opt.param_groups:
+        for index, group in enumerate(opt.param_groups):
             for p in group["params"]:
-                out[id(p)] = (opt, group)
+                out[id(p)] = (opt, index)
     return out
 
 
@@ -772,8 +778,9 @@ def constrain(
                 f"constrain: selected parameter {fqn!r} has shape {tuple(p.shape)}, not a matrix; "
                 "select weights only (e.g. include='*.weight' or exclude='*.bias')"
             )
-        opt, group = in_optimizer[id(p)]
-        t = _Target(fqn, module, p, default_dim(module), opt, group, {})
+        opt, group_index = in_optimizer[id(p)]
+        t = _Target(fqn, module, p, default_dim(module), opt, group_index, {})
+        group = t.group
         # A DTensor is split as a meta tensor of its global shape (views of shards are not needed here).
         probe = torch.empty(p.shape, dtype=p.dtype, device="meta") if _is_dtensor(p) else p
         views = split(fqn, probe) if split is not None else None

@@ -359,6 +359,18 @@ def test_report_estimate_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_coupling_follows_lr_changes_and_load_state_dict():
+    model = mlp()
+    muon = torch.optim.Muon([model[2].weight], lr=0.02)
+    handle = constrain(model, muon, "soft_cap")
+    t = handle._targets[0]
+    W = model[2].weight
+    before = handle._context(t, None, W, 1.0).update_norm
+    muon.load_state_dict(muon.state_dict())  # new param-group dicts
+    muon.param_groups[0]["lr"] = 0.01  # as a scheduler does
+    assert handle._context(t, None, W, 1.0).update_norm == pytest.approx(before / 2)
+
+
 def test_handle_type_and_repr():
     model = mlp()
     handle = constrain(model, torch.optim.SGD(model.parameters(), lr=0.1), "hard_cap")
