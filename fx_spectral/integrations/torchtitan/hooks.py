@@ -27,6 +27,7 @@ from fx_spectral.constrain import (
     constrain,
 )
 from fx_spectral.integrations.torchtitan.config import SpectralConfig
+from fx_spectral.integrations.torchtitan.state import SpectralState, canonical_name
 
 __all__ = [
     "SpectralRun",
@@ -123,7 +124,6 @@ class SpectralRun:
     """
 
     def __init__(self, config: SpectralConfig, handles: list[Constraint]):
-        from fx_spectral.integrations.torchtitan.state import SpectralState
 
         self.config = config
         self.handles = handles
@@ -171,7 +171,7 @@ class SpectralRun:
             for name, entry in handle.report(exact=exact, activations=False).items():
                 sigmas.append(entry["sigma"])
                 if per_layer:
-                    out[f"spectral/sigma/{name}"] = entry["sigma"]
+                    out[f"spectral/sigma/{canonical_name(name)}"] = entry["sigma"]
         if sigmas:
             out["spectral/sigma_max"] = max(sigmas)
             out["spectral/sigma_mean"] = sum(sigmas) / len(sigmas)

@@ -17,7 +17,16 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from fx_spectral.nn import weight_matrix
 
-__all__ = ["SpectralState"]
+__all__ = ["SpectralState", "canonical_name"]
+
+_WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without activation-checkpoint / compile / FSDP1 wrapper prefixes (stable across configs)."""
+    for w in _WRAPPERS:
+        name = name.replace(w, "")
+    return name
 
 
 def _entries(handle):
@@ -32,7 +41,7 @@ def _entries(handle):
         device = t.param.to_local().device if hasattr(t.param, "to_local") else t.param.device
         dtype = torch.float64 if t.param.dtype == torch.float64 else torch.float32
         for key in t.w_max:
-            yield t.name(key), t, key, shapes[key], device, dtype
+            yield canonical_name(t.name(key)), t, key, shapes[key], device, dtype
 
 
 class SpectralState(Stateful):
