@@ -25,7 +25,8 @@ guarantees it for real tokens). With ``a = 1/(2L)``, for a head ``h`` with row b
 (the ``1`` is the value path; the second term bounds the softmax path: logits
 ``s_ij = q_i.k_j / d_h`` move by at most ``2 ||W_q^h|| ||W_k^h|| R delta / d_h`` and
 ``sum_j dp_ij v_j`` is at most that times ``max_j ||v_j||``; rotary embeddings are rotations and
-change no norm). ``Lip(mlp) <= ||W_out|| ||W_in|| * 1.12890415 / 1.1289``. Each residual
+change no norm; the position bias added to the logits does not depend on the input and leaves
+both terms unchanged). ``Lip(mlp) <= ||W_out|| ||W_in|| * 1.12890415 / 1.1289``. Each residual
 sub-block ``x <- (1-a) x + a f(x)`` contributes ``(1-a) + a Lip(f)``, the head ``||W_head||``.
 The radius is propagated the same way: ``R <- ((1-a) + a g) R`` with the gains
 ``g_attn = min(||W_o|| sqrt(sum_h ||W_v^h||^2), sum_h ||W_o^h|| ||W_v^h||)`` (attention outputs are

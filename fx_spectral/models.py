@@ -6,7 +6,10 @@ The architecture is chosen so that a Lipschitz bound can be read off the weights
 * no LayerNorm, no QK-norm, no biases;
 * token embedding rows capped in l2 norm by ``embed_max_norm`` (``nn.Embedding(max_norm=...)``
   renormalizes each looked-up row before use), so every input token has ``||x_i||_2 <= r``;
-* rotary position embeddings on queries and keys (a rotation per position: norm preserving);
+* rotary position embeddings on queries and keys (a rotation per position: norm preserving) and a
+  learned per-head bias on the logits by relative distance (ALiBi-like, initialized to
+  ``-slope_h * (i - j)``): it does not depend on the input, so it costs nothing in the bound, and it
+  lets heads attend sharply to nearby tokens, which the ``1/d_head`` logits alone cannot afford;
 * attention logits scaled by ``1/d_head`` (not ``1/sqrt(d_head)``);
 * the MLP activation is ``GELU(x) / 1.1289`` (1.1289 is GELU's largest slope, so the scaled
   activation is 1-Lipschitz and ``|act(x)| <= |x|``);
@@ -116,7 +119,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with logits ``q.k / d_head`` and rotary positions."""
+    """Causal multi-head attention, logits ``q_i.k_j / d_head + pos_bias[h, i - j]``, rotary q/k."""
 
     def __init__(self, cfg: LipschitzTransformerConfig) -> None:
         super().__init__()
@@ -128,13 +131,23 @@ class Attention(nn.Module):
         cos, sin = _rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        slopes = 2.0 ** (-2.0 * torch.arange(cfg.n_heads, dtype=torch.float32))
+        self.pos_bias = nn.Parameter(-slopes[:, None] * torch.arange(cfg.max_seq_len, dtype=torch.float32))
+
+    def _logit_bias(self, T: int, dtype: torch.dtype) -> torch.Tensor:
+        """(H, T, T): ``pos_bias[h, i - j]`` where ``j <= i``, ``-inf`` above the diagonal."""
+        i = torch.arange(T, device=self.pos_bias.device)
+        dist = i[:, None] - i[None, :]
+        bias = self.pos_bias[:, dist.clamp(min=0)].to(dtype)
+        return bias.masked_fill(dist < 0, float("-inf"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / self.head_dim)
+        bias = self._logit_bias(T, q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0 / self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -56,7 +56,7 @@ VOCAB_SIZE = len(ALPHABET) + 1
 class DemoConfig:
     """Everything the demo run depends on (defaults: the tuned default budget)."""
 
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 32
     seq_len: int = 64
     dim: int = 128
@@ -64,12 +64,13 @@ class DemoConfig:
     n_heads: int = 1
     embed_max_norm: float | None = None  # None: sqrt(dim), i.e. unit RMS per token
     method: str = "soft_cap"
-    w_max: float = 1.0  # cap of V, O and the MLP weights (RMS->RMS)
-    w_max_qk: float = 1.0  # cap of Q and K (sets how sharp attention can be)
-    w_max_head: float = 4.0  # cap of the LM head, l2 operator norm (the bound's last factor)
-    muon_lr: float = 0.1
-    adamw_lr: float = 0.01  # embedding and head of the constrained model
-    twin_lr: float = 0.003  # every weight of the twin
+    w_max: float = 1.0  # RMS->RMS cap of the attention's V and O
+    w_max_qk: float = 0.3  # RMS->RMS cap of Q and K (how sharp content-based attention can be)
+    w_max_mlp: float = 1.2  # RMS->RMS cap of the MLP's two weights
+    w_max_head: float = 7.0  # cap of the LM head, l2 operator norm (the bound's last factor)
+    muon_lr: float = 0.2
+    adamw_lr: float = 0.02  # embedding and head of the constrained model
+    twin_lr: float = 0.006  # every weight of the twin
     warmdown: float = 0.3  # linear learning-rate decay over the last fraction of steps
     eval_batches: int = 16
     log_every: int = 25
@@ -80,7 +81,7 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("w_max", "w_max_qk", "w_max_head", "muon_lr", "adamw_lr", "twin_lr"):
+        for name in ("w_max", "w_max_qk", "w_max_mlp", "w_max_head", "muon_lr", "adamw_lr", "twin_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DemoConfig.{name}: expected > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmdown <= 1:
@@ -133,7 +134,7 @@ def _batch(data: Tensor, batch_size: int, seq_len: int, gen: torch.Generator) ->
 
 
 def _hidden(name: str, p: Tensor) -> bool:
-    return p.ndim == 2 and name.startswith("layers.")
+    return p.ndim == 2 and name.startswith("layers.") and name.endswith(".weight")
 
 
 class _StepTimer:
@@ -155,7 +156,12 @@ def _build_constrained(model: nn.Module, cfg: DemoConfig):
     muon = torch.optim.Muon(hidden, lr=cfg.muon_lr)
     adamw = torch.optim.AdamW(others, lr=cfg.adamw_lr, weight_decay=0.0)
     timers = [_StepTimer(muon), _StepTimer(adamw)]
-    w_max = {"*.attn.wq.weight": cfg.w_max_qk, "*.attn.wk.weight": cfg.w_max_qk, "*": cfg.w_max}
+    w_max = {
+        "*.attn.wq.weight": cfg.w_max_qk,
+        "*.attn.wk.weight": cfg.w_max_qk,
+        "*.mlp.*": cfg.w_max_mlp,
+        "*": cfg.w_max,
+    }
     hidden_handle = constrain(model, muon, cfg.method, w_max=w_max)
     hidden_handle.project("pure_svd")  # start inside the ball
     # The head is capped in l2 units; constrain() works in RMS->RMS units (scale sqrt(out/in)).
@@ -378,8 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--steps", type=int, default=d.steps, help="training steps per model (default %(default)s)")
     a("--method", default=d.method, help="constrain() method for the hidden weights (default %(default)s)")
-    a("--w-max", type=float, default=d.w_max, help="RMS->RMS cap of V, O, MLP (default %(default)s)")
+    a("--w-max", type=float, default=d.w_max, help="RMS->RMS cap of attention V, O (default %(default)s)")
     a("--w-max-qk", type=float, default=d.w_max_qk, help="RMS->RMS cap of Q, K (default %(default)s)")
+    a("--w-max-mlp", type=float, default=d.w_max_mlp, help="RMS->RMS cap of the MLP (default %(default)s)")
     a("--w-max-head", type=float, default=d.w_max_head, help="l2 cap of the LM head (default %(default)s)")
     a("--muon-lr", type=float, default=d.muon_lr)
     a("--adamw-lr", type=float, default=d.adamw_lr)
@@ -418,6 +425,7 @@ def _run_args(args: argparse.Namespace) -> None:
         method=args.method,
         w_max=args.w_max,
         w_max_qk=args.w_max_qk,
+        w_max_mlp=args.w_max_mlp,
         w_max_head=args.w_max_head,
         muon_lr=args.muon_lr,
         adamw_lr=args.adamw_lr,
