@@ -140,6 +140,7 @@ def test_config_registry_via_module_and_cli_overrides():
         ]
     )  # fmt: skip
     assert isinstance(cfg, T.SpectralTrainer.Config)
+    assert type(cfg)._owner is T.SpectralTrainer  # torchtitan.train's config.build() makes a SpectralTrainer
     assert cfg.model_spec.name == "qwen3" and cfg.model_spec.flavor == "debugmodel"
     s = cfg.spectral
     assert (s.method, s.w_max, s.w_max_qk, s.max_update_norm) == ("soft_cap", 2.0, 3.0, 0.05)
