@@ -346,7 +346,8 @@ def _one_iteration(mats, blocks, us, vs, idx, sigmas, eps, dtype, group) -> None
     for mat, blk, v, size in zip(mats, blocks, vs, sizes):
         m = mat.shape[0]
         if mat.contributes and blk.numel():
-            a_loc = blk @ v.to(dtype)[mat.cols]
+            vd = v.to(dtype)
+            a_loc = blk @ (vd if mat.cols.numel() == mat.shape[1] else vd[mat.cols])  # sorted: all == arange
             buf[pos : pos + m].index_copy_(0, mat.rows.to(device), a_loc)
             if mat.rows_only:
                 buf[pos + m : pos + size] = blk.t() @ a_loc
