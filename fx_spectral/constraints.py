@@ -383,7 +383,9 @@ def hard_cap(
 
     Polynomial mode (default): four odd steps :math:`\sigma \leftarrow \sigma(a + b\sigma^2 +
     c\sigma^4)` (:data:`HARD_CAP_COEFFICIENTS`) on ``W / w_max``, times ``w_max``: 0.5→0.498,
-    1→0.966, 1.185→1.0109 (the peak), 2→1.002 (times ``w_max``). Good for σ ≲ 2.5·w_max.
+    1→0.966, 1.185→1.0109 (the peak), 2→1.002 (times ``w_max``). The polynomial holds up to
+    σ ≈ 3.5·w_max and diverges beyond: a matrix whose estimated σ exceeds 3·w_max is first scaled
+    down into range (all its singular values by one factor), so large steps never give NaN.
     ``exact=True``: :math:`\min(w_{max}, \sigma)` exactly, as
     :math:`X\, g(X^\top X)` with :math:`g(\lambda) = \min(1, w_{max}/\sqrt\lambda)` from an
     eigendecomposition of the smaller Gram matrix (float32 at least).
@@ -398,7 +400,9 @@ def hard_cap(
         raise ValueError(f"hard_cap: w_max must be > 0, got {w_max}")
     X = _compute(W, dtype)
     if not exact:
-        return (_odd_poly_(X / w_max, HARD_CAP_COEFFICIENTS, matmul_dtype=matmul_dtype) * w_max).to(W.dtype)
+        return (_odd_poly_(_into_hard_cap_range(X / w_max), HARD_CAP_COEFFICIENTS, matmul_dtype=matmul_dtype) * w_max).to(
+            W.dtype
+        )
     edtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     Xe, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
     lam, Q = torch.linalg.eigh(_gram(Xe))
@@ -408,6 +412,24 @@ def hard_cap(
     if transposed:
         Y = Y.mT
     return Y.to(W.dtype)
+
+
+#: The hard-cap polynomial stays within 1% of 1 up to about 3.5, then turns negative and diverges.
+_HARD_CAP_RANGE = 3.0
+
+
+def _into_hard_cap_range(X: Tensor) -> Tensor:
+    # Matrices whose spectral norm may exceed the polynomial's range are scaled down into it first
+    # (every singular value shrinks by the same factor, so the top ones still land at ~1): without
+    # this, one large optimizer step turns the weight into NaN. The Frobenius norm bounds sigma
+    # from above, so most calls stop there; otherwise a 10-step estimate (with a 10% margin, from a
+    # private generator so the global RNG does not move) decides. The scale is differentiable.
+    if bool((torch.linalg.matrix_norm(X.detach()) <= _HARD_CAP_RANGE).all()):
+        return X
+    generator = torch.Generator(X.device).manual_seed(0)
+    _, sigma, _ = power_iterate(X, 10, generator=generator)  # sigma carries d(u^T X v)/dX
+    factor = torch.clamp_min(1.1 * sigma.abs() / _HARD_CAP_RANGE, 1.0).to(X.dtype)
+    return X / factor[..., None, None]
 
 
 def pure_svd(W: Tensor, w_max: float = 1.0, *, dtype: torch.dtype | None = None) -> Tensor:

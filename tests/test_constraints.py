@@ -250,3 +250,17 @@ def test_bf16_products_keep_the_weight_precision(name):
     if name != "orthogonalize":  # only the correction term is rounded: better than computing in bf16
         all_bf16 = (op[name](W, dtype=torch.bfloat16).double() - ref).abs().max().item()
         assert err < 0.5 * all_bf16
+
+
+@pytest.mark.parametrize("top", [5.0, 80.0])
+def test_hard_cap_polynomial_survives_spectra_beyond_its_range(top):
+    # The polynomial alone turns sigma = 5 into garbage (and diverges further out); hard_cap scales
+    # such matrices into range first, so the result is finite and capped at the polynomial's peak.
+    assert not abs(C.hard_cap_polynomial(torch.tensor(top, dtype=torch.float64)).item() - 1.0) < 0.02
+    W = with_spectrum(spectrum(16, hi=top), 16, 24, batch=(2,))
+    Y = C.hard_cap(W, w_max=1.0)
+    s = svals(Y)
+    assert torch.isfinite(Y).all()
+    assert s.max() <= 1.0109 + 1e-3
+    assert s.max() >= 0.99  # the top direction still lands at the cap, not far below it
+    assert torch.equal(W, with_spectrum(spectrum(16, hi=top), 16, 24, batch=(2,)))  # input untouched
