@@ -10,12 +10,13 @@ buffers ``{name}_u`` / ``{name}_v`` on the owning module):
   (:mod:`fx_spectral.constraints` holds the math), :func:`lipschitz_bound` certifies the result.
 """
 
-import importlib
-
+from fx_spectral import constraints
+from fx_spectral.constrain import constrain  # NB: binds the function over the submodule of the same name
 from fx_spectral.graph import backend as _backend_module  # noqa: F401  (registers backend="spectral")
 from fx_spectral.graph.backend import backend
 from fx_spectral.graph.bake import bake
 from fx_spectral.graph.transform import transform
+from fx_spectral.lipschitz import lipschitz_bound
 from fx_spectral.nn import (
     apply_spectral_norm,
     is_spectral_normalized,
@@ -25,23 +26,6 @@ from fx_spectral.nn import (
 )
 
 __version__ = "0.1.0"
-
-# Loaded on first use: the constraint machinery is not needed to normalize or compile a model.
-_LAZY = {
-    "constrain": "fx_spectral.constrain",
-    "lipschitz_bound": "fx_spectral.lipschitz",
-    "constraints": None,
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = _LAZY[name]
-        if module is None:
-            return importlib.import_module(f"fx_spectral.{name}")
-        return getattr(importlib.import_module(module), name)
-    raise AttributeError(f"module 'fx_spectral' has no attribute {name!r}")
-
 
 __all__ = [
     "apply_spectral_norm",
