@@ -4,38 +4,53 @@ r"""``constrain()``: project weights after every optimizer step (Lipschitz-trans
     W \leftarrow s\cdot\mathrm{project}(W / s), \qquad s = \sqrt{\mathrm{fan\_out}/\mathrm{fan\_in}}
 
 so every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/s` (DESIGN §4). The ops live in
-:mod:`fx_spectral.constraints`; this file is the machinery that selects weights, keeps persistent
-power-iteration vectors, couples the soft cap to the optimizer (torch.optim.Muon) and reports.
+:mod:`fx_spectral.constraints`; what one projection of one matrix does (the method configs,
+:func:`~fx_spectral.methods.project_matrix`, the soft cap's coupling to torch.optim.Muon) in
+:mod:`fx_spectral.methods`; this file is the machinery that selects weights, keeps persistent
+power-iteration vectors, hooks the optimizer and reports.
 
 Structure (so other pieces can hook in):
 
-* method configs: frozen keyword-only dataclasses (:class:`SoftCap`, :class:`HardCap`, …), one
-  handler per config type in ``_HANDLERS``; ``METHODS`` maps the string names to config types;
-* :func:`project_matrix` is the ONE function every per-weight projection goes through
-  (a pure function on one 2-D matrix, so a distributed implementation can call it on a gathered
-  matrix and scatter the result);
+* every per-weight projection goes through :func:`fx_spectral.methods.project_matrix`; the method
+  configs are re-exported here (``from fx_spectral.constrain import SoftCap`` works);
 * :meth:`Constraint._project_target` holds the ONE DTensor dispatch point, which hands sharded
   parameters to ``fx_spectral.distributed.project_dtensor_(handle, target, method)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from fx_spectral import constraints as C
+from fx_spectral.methods import (
+    METHODS,
+    HardCap,
+    Orthogonalize,
+    ProjectionContext,
+    PureSVD,
+    SoftCap,
+    SpectralHammer,
+    SpectralNormalize,
+    SpectralWeightDecay,
+    _decay,
+    _is_muon_group,
+    _Method,
+    _method_config,
+    muon_update_norm,
+    project_matrix,
+)
 from fx_spectral.nn import SUPPORTED_MODULES, default_dim, weight_matrix
 
-__all__ = [
+__all__ = [  # the method configs are re-exported from fx_spectral.methods
     "constrain",
     "Constraint",
     "SpectralNormalize",
@@ -46,316 +61,9 @@ __all__ = [
     "PureSVD",
     "Orthogonalize",
     "METHODS",
-    "project_matrix",
-    "muon_update_norm",
 ]
 
 HEAD_NAMES = frozenset({"lm_head", "head", "output"})
-N_WARMUP_ITERATIONS = 15  # a fresh u/v gets these before the per-step iterations (as spectral_norm)
-MUON_SAFETY = 1.02  # on top of the exact Newton–Schulz peak: covers Muon's bf16 rounding (measured 1.0003)
-
-
-# --------------------------------------------------------------------------------------------
-# Method configs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Method:
-    """Fields every method has. ``dtype``: compute dtype (None: float32, float64 for float64 weights)."""
-
-    name: ClassVar[str] = ""
-    dtype: torch.dtype | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype is not None and (not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point):
-            raise TypeError(f"{type(self).__name__}: dtype must be a floating torch.dtype or None, got {self.dtype!r}")
-
-    @staticmethod
-    def _check_int(owner: str, field: str, value: Any, low: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{owner}: {field} must be an int >= {low}, got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpectralNormalize(_Method):
-    r""":math:`W \leftarrow W/\max(1, \hat\sigma/w_{max})` with ``n_iter`` persistent power iterations per step."""
-
-    name: ClassVar[str] = "spectral_normalize"
-    n_iter: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_int(type(self).__name__, "n_iter", self.n_iter, 1)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpectralHammer(SpectralNormalize):
-    r""":math:`W \leftarrow W + (w_{max} - \hat\sigma) u v^\top` (top singular value set to w_max)."""
-
-    name: ClassVar[str] = "spectral_hammer"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SpectralWeightDecay(SpectralNormalize):
-    r""":math:`W \leftarrow W - wd\,\hat\sigma u v^\top` every step (w_max is not used; reports only)."""
-
-    name: ClassVar[str] = "spectral_weight_decay"
-    wd: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.wd, (int, float)) or not 0.0 <= self.wd <= 1.0:
-            raise ValueError(f"SpectralWeightDecay: wd must be a float in [0, 1], got {self.wd!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Polynomial(_Method):
-    """Methods made of matrix products (hard cap, soft cap, orthogonalize).
-
-    ``matmul_dtype``: dtype of the products. ``"auto"`` (default): bf16 for weights that
-    torch.optim.Muon updates (Muon computes its own update in bf16), else the compute dtype;
-    ``None``: the compute dtype. With bf16 products only the polynomial's correction term is
-    rounded; the weight keeps its precision.
-    """
-
-    matmul_dtype: torch.dtype | str | None = "auto"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        m = self.matmul_dtype
-        if not (m is None or m == "auto" or (isinstance(m, torch.dtype) and m.is_floating_point)):
-            raise TypeError(
-                f"{type(self).__name__}: matmul_dtype must be 'auto', None or a floating torch.dtype, got {m!r}"
-            )
-
-    def products_dtype(self, ctx: ProjectionContext) -> torch.dtype | None:
-        if self.matmul_dtype == "auto":
-            return torch.bfloat16 if ctx.muon else None
-        return self.matmul_dtype
-
-
-@dataclass(frozen=True, kw_only=True)
-class HardCap(_Polynomial):
-    """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or ``exact``."""
-
-    name: ClassVar[str] = "hard_cap"
-    exact: bool = False
-
-
-@dataclass(frozen=True, kw_only=True)
-class SoftCap(_Polynomial):
-    r"""Soft cap :math:`f(\sigma)=\sigma-3\alpha^2\sigma^5+3\alpha^3\sigma^7-\alpha^4\sigma^9`.
-
-    ``alpha=None``: coupled to the optimizer (:func:`fx_spectral.constraints.soft_cap_coupling`)
-    with the maximum update norm from torch.optim.Muon's param group, or ``max_update_norm`` (in
-    RMS→RMS units) for any other optimizer. ``sensitive_to_wmax=True``: the soft cap runs on
-    ``W/(s·w_max)`` and the result is multiplied by ``s·w_max`` (an explicit ``alpha`` is then in
-    units of w_max); ``False``: on ``W/s``. With the coupling both give the same result.
-    """
-
-    name: ClassVar[str] = "soft_cap"
-    alpha: float | None = None
-    max_update_norm: float | None = None
-    sensitive_to_wmax: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for field in ("alpha", "max_update_norm"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"SoftCap: {field} must be a float >= 0 or None, got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PureSVD(_Method):
-    """Exact cap by SVD: U min(S, w_max) Vᵀ (slow; a reference)."""
-
-    name: ClassVar[str] = "pure_svd"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Orthogonalize(_Polynomial):
-    """Every singular value → w_max (``sensitive_to_wmax``) or 1: Newton–Schulz (``steps``) or ``exact`` SVD."""
-
-    name: ClassVar[str] = "orthogonalize"
-    steps: int = C.DEFAULT_NS_STEPS
-    exact: bool = False
-    sensitive_to_wmax: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._check_int("Orthogonalize", "steps", self.steps, 1)
-
-
-METHODS: dict[str, type[_Method]] = {
-    cls.name: cls
-    for cls in (SpectralNormalize, HardCap, SoftCap, SpectralHammer, SpectralWeightDecay, PureSVD, Orthogonalize)
-}
-
-
-def _method_config(method: str | _Method, options: Mapping[str, Any]) -> _Method:
-    if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(
-                f"constrain: unknown method {method!r}; expected one of {sorted(METHODS)} or a config object"
-            )
-        cls, base = METHODS[method], None
-    elif isinstance(method, _Method):
-        cls, base = type(method), method
-    else:
-        raise TypeError(
-            f"constrain: method must be a name {sorted(METHODS)} or a config such as SoftCap(), got {method!r}"
-        )
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise TypeError(
-            f"constrain: option(s) {unknown} not valid for method {cls.name!r}; valid options: {sorted(valid)}"
-        )
-    return dataclasses.replace(base, **options) if base is not None else cls(**options)
-
-
-# --------------------------------------------------------------------------------------------
-# Per-matrix projection: the one function every weight goes through
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ProjectionContext:
-    """What a handler needs besides the matrix: the cap, coupling terms, persistent vectors.
-
-    ``update_norm``: the optimizer's max update norm in this matrix's RMS→RMS units (None if
-    unknown); ``decay``: the per-step decoupled weight-decay fraction; ``vectors``: a
-    ``get() -> (u, v) | None`` / ``put(u, v)`` pair for the persistent power-iteration state;
-    ``seed``: seeds the random start of fresh vectors (never touches the global RNG).
-    """
-
-    w_max: float
-    decay: float = 0.0
-    update_norm: float | None = None
-    get_vectors: Callable[[], tuple[Tensor, Tensor] | None] = lambda: None
-    put_vectors: Callable[[Tensor, Tensor], None] = lambda u, v: None
-    seed: int = 0
-    muon: bool = False
-
-
-def _compute_dtype(cfg: _Method, dtype: torch.dtype) -> torch.dtype:
-    if cfg.dtype is not None:
-        return cfg.dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def project_matrix(matrix: Tensor, cfg: _Method, ctx: ProjectionContext, *, scale: float) -> Tensor:
-    """Project one 2-D weight matrix in RMS→RMS units: ``scale * project(matrix / scale)``.
-
-    Pure (returns a new tensor in ``matrix.dtype``) except for ``ctx.put_vectors``. This is the
-    single seam every per-weight projection goes through (sub-views of a fused weight, shards
-    gathered by a distributed implementation).
-    """
-    X = matrix.to(_compute_dtype(cfg, matrix.dtype)) / scale  # a fresh tensor: handlers may reuse it
-    Y = _HANDLERS[type(cfg)](X, cfg, ctx)
-    return Y.mul_(scale).to(matrix.dtype)  # NB: in place on the handler's fresh result
-
-
-def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext):
-    prev = ctx.get_vectors()
-    if prev is None or prev[0].shape[-1] != X.shape[0] or prev[1].shape[-1] != X.shape[1]:
-        gen = torch.Generator(device=X.device).manual_seed(ctx.seed)
-        u, sigma, v = C.power_iterate(X, N_WARMUP_ITERATIONS + n_iter, generator=gen)
-    else:
-        u, sigma, v = C.power_iterate(X, n_iter, u=prev[0], v=prev[1])
-    ctx.put_vectors(u, v)
-    return u, sigma, v
-
-
-def _soft_cap(X: Tensor, cfg: SoftCap, ctx: ProjectionContext) -> Tensor:
-    unit = ctx.w_max if cfg.sensitive_to_wmax else 1.0
-    cap = ctx.w_max / unit
-    alpha = cfg.alpha
-    if alpha is None:
-        eta = cfg.max_update_norm if cfg.max_update_norm is not None else ctx.update_norm
-        if eta is None:
-            raise RuntimeError("soft cap coupling needs the max update norm (pass max_update_norm=)")
-        alpha = _coupling(cap, ctx.decay, eta / unit)
-    if unit == 1.0:
-        return C.soft_cap(X, alpha, matmul_dtype=cfg.products_dtype(ctx))
-    return C.soft_cap(X / unit, alpha, matmul_dtype=cfg.products_dtype(ctx)).mul_(unit)
-
-
-@functools.lru_cache(maxsize=4096)
-def _coupling(w_max: float, decay: float, eta: float) -> float:
-    return C.soft_cap_coupling(w_max, decay, eta)
-
-
-def _orthogonalize(X: Tensor, cfg: Orthogonalize, ctx: ProjectionContext) -> Tensor:
-    Y = C.orthogonalize(X, steps=cfg.steps, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx))
-    return Y * ctx.w_max if cfg.sensitive_to_wmax else Y
-
-
-_HANDLERS: dict[type[_Method], Callable[[Tensor, Any, ProjectionContext], Tensor]] = {
-    SpectralNormalize: lambda X, cfg, ctx: C.spectral_normalize(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
-    SpectralHammer: lambda X, cfg, ctx: C.spectral_hammer(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
-    SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx)),
-    HardCap: lambda X, cfg, ctx: C.hard_cap(X, ctx.w_max, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx)),
-    SoftCap: _soft_cap,
-    PureSVD: lambda X, cfg, ctx: C.pure_svd(X, ctx.w_max),
-    Orthogonalize: _orthogonalize,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Coupling with torch.optim.Muon
-# --------------------------------------------------------------------------------------------
-
-_MUON_KEYS = ("ns_coefficients", "ns_steps", "adjust_lr_fn")
-
-
-def _is_muon_group(group: Mapping) -> bool:
-    return all(k in group for k in _MUON_KEYS)
-
-
-@functools.cache
-def _ns_peak(coefficients: tuple[float, float, float], steps: int) -> float:
-    # Muon divides by the Frobenius norm first, so every singular value starts in [0, 1]:
-    # the update's largest singular value is the peak of the iterated scalar map on [0, 1].
-    a, b, c = coefficients
-    x = torch.linspace(0.0, 1.0, 400_001, dtype=torch.float64)
-    for _ in range(steps):
-        x2 = x * x
-        x = x * (a + b * x2 + c * x2 * x2)
-    return float(x.abs().max())
-
-
-def _muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    try:
-        from torch.optim._muon import _adjust_lr
-
-        return float(_adjust_lr(1.0, adjust_lr_fn, shape))
-    except ImportError:  # pragma: no cover - same rule, in case torch moves the helper
-        A, B = shape[:2]
-        if adjust_lr_fn in (None, "original"):
-            return max(1.0, A / B) ** 0.5
-        return 0.2 * max(A, B) ** 0.5 if adjust_lr_fn == "match_rms_adamw" else 1.0
-
-
-def muon_update_norm(group: Mapping, param_shape: torch.Size) -> float:
-    """Upper bound on the spectral norm (raw units) of one torch.optim.Muon update of a parameter.
-
-    Muon adds ``-adjusted_lr * NS(G)``, where ``adjusted_lr = lr * ratio(shape)`` (its
-    ``adjust_lr_fn``) and ``NS`` maps each singular value of ``G/‖G‖_F`` through its quintic
-    ``ns_steps`` times (peak 1.2024 for the default coefficients). Divide by the matrix's scale
-    ``sqrt(fan_out/fan_in)`` for RMS→RMS units.
-    """
-    lr = float(group["lr"])
-    peak = _ns_peak(tuple(float(c) for c in group["ns_coefficients"]), int(group["ns_steps"]))
-    return lr * _muon_lr_ratio(group["adjust_lr_fn"], param_shape) * peak * MUON_SAFETY
-
-
-def _decay(group: Mapping) -> float:
-    # Muon decays decoupled (param.mul_(1 - lr * wd)); for any other optimizer 0 is the safe
-    # choice (a larger k only makes the cap stronger).
-    return float(group["lr"]) * float(group.get("weight_decay", 0.0)) if _is_muon_group(group) else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,8 +304,8 @@ class Constraint:
             # Building blocks it can use: _matrices(target, handle._split) -> (key, matrix,
             # write_back) per piece; _scale(matrix); handle._context(target, key, matrix, scale)
             # (w_max, Muon coupling, persistent vectors get/put); project_matrix(full_matrix,
-            # method, ctx, scale=...) on a gathered matrix; _HANDLERS for a custom (e.g. Gram or
-            # distributed power-iteration) path.
+            # method, ctx, scale=...) on a gathered matrix; fx_spectral.methods._HANDLERS for a
+            # custom (e.g. Gram or distributed power-iteration) path.
             _distributed().project_dtensor_(self, t, method)
             return
         for key, matrix, write_back in _matrices(t, self._split):

@@ -501,8 +501,8 @@ def _layouts(handle, t) -> tuple[list[str | None], list[ShardedMatrix]]:
 
 
 def _rank_one_ops():
-    from fx_spectral import constrain as K
     from fx_spectral import constraints as C
+    from fx_spectral import methods as K
 
     return {
         K.SpectralNormalize: lambda X, cfg, w_max, est: C.spectral_normalize(X, w_max, estimate=est),
@@ -514,13 +514,13 @@ def _rank_one_ops():
 def _start_vectors(handle, t, key, mat: ShardedMatrix, dtype, device):
     import zlib
 
-    from fx_spectral import constrain as K
+    from fx_spectral import methods as K
 
     m, n = mat.shape
     prev = handle._get_vectors(t, key)
     if prev is not None and prev[0].shape[-1] == m and prev[1].shape[-1] == n:
         return prev[0].to(device, dtype).clone(), prev[1].to(device, dtype).clone(), False
-    # A fresh start exactly as the single-process path (constrain._estimate → power_iterate).
+    # A fresh start exactly as the single-process path (methods._estimate → power_iterate).
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(t.name(key).encode()))
     v = torch.randn(n, dtype=dtype, device=device, generator=gen)
     v = v / torch.linalg.vector_norm(v)
@@ -531,13 +531,13 @@ def _start_vectors(handle, t, key, mat: ShardedMatrix, dtype, device):
 def project_dtensors_(handle, targets: Sequence, method) -> None:
     """Project the DTensor targets of a :func:`fx_spectral.constrain` handle, in place (collective).
 
-    Same result as the single-process path (``constrain.project_matrix`` on the whole matrix) up
+    Same result as the single-process path (``methods.project_matrix`` on the whole matrix) up
     to float rounding: rank-one methods use the distributed power iteration and update local blocks;
     full-spectrum methods assemble each matrix on its owner rank and run ``project_matrix`` there.
     The persistent vectors go through the handle (``_get_vectors`` / ``_put_vectors``), so they
     live where the single-process path keeps them (the optimizer state), replicated on every rank.
     """
-    from fx_spectral import constrain as K
+    from fx_spectral import methods as K
 
     ops = _rank_one_ops()
     entries = []  # (target, key, mat)

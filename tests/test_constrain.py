@@ -183,7 +183,7 @@ def test_qwen3_with_muon(qwen3, method, bound):
 
 
 def test_soft_cap_coupling_follows_muon_lr(qwen3):
-    from fx_spectral.constrain import muon_update_norm
+    from fx_spectral.methods import muon_update_norm
 
     model = qwen3()
     muon, _ = qwen3_optimizers(model, lr=0.02)
