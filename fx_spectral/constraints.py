@@ -400,9 +400,8 @@ def hard_cap(
         raise ValueError(f"hard_cap: w_max must be > 0, got {w_max}")
     X = _compute(W, dtype)
     if not exact:
-        return (_odd_poly_(_into_hard_cap_range(X / w_max), HARD_CAP_COEFFICIENTS, matmul_dtype=matmul_dtype) * w_max).to(
-            W.dtype
-        )
+        X = _into_hard_cap_range(X / w_max)
+        return (_odd_poly_(X, HARD_CAP_COEFFICIENTS, matmul_dtype=matmul_dtype) * w_max).to(W.dtype)
     edtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     Xe, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
     lam, Q = torch.linalg.eigh(_gram(Xe))

@@ -83,7 +83,9 @@ def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> tuple[Tensor, Tens
 
 
 @torch.no_grad()
-def _power_iteration(w_mat: Tensor, u_buf: Tensor, v_buf: Tensor, n_iter: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _power_iteration(
+    w_mat: Tensor, u_buf: Tensor, v_buf: Tensor, n_iter: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     # Returns fresh (u, v, ||W^T u||) in w_mat's dtype; the last norm is sigma = u^T W v.
     u, v = u_buf.to(w_mat.dtype), v_buf.to(w_mat.dtype)
     for _ in range(n_iter):
@@ -148,7 +150,9 @@ def normalize_weight(
     return _normalize_weight(weight, u, v, dim, n_power_iterations, eps, training)
 
 
-def _normalize_weight(weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool) -> Tensor:
+def _normalize_weight(
+    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool
+) -> Tensor:
     needs_grad = weight.requires_grad and torch.is_grad_enabled()
     u, v, sigma = _estimate_sigma(weight, u, v, dim, n_iter, eps, training, needs_grad)
     if _functorch_active():
@@ -297,7 +301,9 @@ def _conv_out_numel(module: nn.Module, input: Tensor, transposed: bool, output_p
     n = len(module.kernel_size)
     numel = module.out_channels * (input.shape[0] if input.dim() == n + 2 else 1)
     for i in range(n):
-        length, k, s, p, d = input.shape[-n + i], module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
+        length, k, s, p, d = (
+            input.shape[-n + i], module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
+        )
         if transposed:
             numel *= (length - 1) * s - 2 * p + d * (k - 1) + output_padding[i] + 1
         else:

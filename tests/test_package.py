@@ -25,5 +25,8 @@ def test_public_names_are_the_functions():
 
 
 def test_constrain_is_the_function_whatever_the_import_order():
-    code = "import fx_spectral.constrain, fx_spectral; import types; assert not isinstance(fx_spectral.constrain, types.ModuleType)"
+    code = (
+        "import types, fx_spectral.constrain, fx_spectral; "
+        "assert not isinstance(fx_spectral.constrain, types.ModuleType)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
