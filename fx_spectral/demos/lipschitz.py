@@ -10,8 +10,9 @@ Two models start from the same weights and see the same batches:
 
 * **constrained**: ``torch.optim.Muon`` on the hidden matrices (Q, K, V, O, MLP) with
   :func:`fx_spectral.constrain.constrain` projecting them after every step (default
-  ``"soft_cap"``, its strength coupled to Muon's learning rate), AdamW on the embedding and the
-  head, whose spectral norm is capped separately; embedding rows are capped by ``max_norm``;
+  ``"soft_cap"``, its strength coupled to Muon's learning rate); the LM head has its own Muon and
+  its own cap (same method); AdamW on the embedding and the position bias; embedding rows are
+  capped by ``max_norm``;
 * **twin**: the same architecture trained by AdamW with no constraint.
 
 At the end it prints validation accuracy, the certified Lipschitz bound
@@ -67,9 +68,10 @@ class DemoConfig:
     w_max: float = 1.0  # RMS->RMS cap of the attention's V and O
     w_max_qk: float = 0.3  # RMS->RMS cap of Q and K (how sharp content-based attention can be)
     w_max_mlp: float = 1.2  # RMS->RMS cap of the MLP's two weights
-    w_max_head: float = 7.0  # cap of the LM head, l2 operator norm (the bound's last factor)
+    w_max_head: float = 9.0  # cap of the LM head, l2 operator norm (the bound's last factor)
     muon_lr: float = 0.2
-    adamw_lr: float = 0.02  # embedding and head of the constrained model
+    head_lr: float = 0.5  # Muon learning rate of the constrained model's LM head
+    adamw_lr: float = 0.02  # embedding and position bias of the constrained model
     twin_lr: float = 0.006  # every weight of the twin
     warmdown: float = 0.3  # linear learning-rate decay over the last fraction of steps
     eval_batches: int = 16
@@ -81,7 +83,7 @@ class DemoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoConfig.{name}: expected a positive int, got {value!r}")
-        for name in ("w_max", "w_max_qk", "w_max_mlp", "w_max_head", "muon_lr", "adamw_lr", "twin_lr"):
+        for name in ("w_max", "w_max_qk", "w_max_mlp", "w_max_head", "muon_lr", "head_lr", "adamw_lr", "twin_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DemoConfig.{name}: expected > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmdown <= 1:
@@ -152,10 +154,15 @@ def _build_constrained(model: nn.Module, cfg: DemoConfig):
     from fx_spectral.constrain import constrain
 
     hidden = [p for n, p in model.named_parameters() if _hidden(n, p)]
-    others = [p for n, p in model.named_parameters() if not _hidden(n, p)]
+    others = [p for n, p in model.named_parameters() if not _hidden(n, p) and n != "lm_head.weight"]
     muon = torch.optim.Muon(hidden, lr=cfg.muon_lr)
+    # The head gets its own Muon: orthogonalized updates lift *every* singular value towards the
+    # cap, so the whole budget ||W_head|| <= w_max_head is used, not only the top direction
+    # (AdamW + spectral normalization left most of the head's spectrum far below the cap).
+    head_muon = torch.optim.Muon([model.lm_head.weight], lr=cfg.head_lr)
     adamw = torch.optim.AdamW(others, lr=cfg.adamw_lr, weight_decay=0.0)
-    timers = [_StepTimer(muon), _StepTimer(adamw)]
+    optimizers = [muon, head_muon, adamw]
+    timers = [_StepTimer(opt) for opt in optimizers]
     w_max = {
         "*.attn.wq.weight": cfg.w_max_qk,
         "*.attn.wk.weight": cfg.w_max_qk,
@@ -167,10 +174,10 @@ def _build_constrained(model: nn.Module, cfg: DemoConfig):
     # The head is capped in l2 units; constrain() works in RMS->RMS units (scale sqrt(out/in)).
     out_f, in_f = model.lm_head.weight.shape
     head_handle = constrain(
-        model, adamw, "spectral_normalize", w_max=cfg.w_max_head / math.sqrt(out_f / in_f), include="lm_head.weight"
+        model, head_muon, cfg.method, w_max=cfg.w_max_head / math.sqrt(out_f / in_f), include="lm_head.weight"
     )
     head_handle.project("pure_svd")
-    return [muon, adamw], [hidden_handle, head_handle], timers
+    return optimizers, [hidden_handle, head_handle], timers
 
 
 def _set_lr(optimizers, step: int, cfg: DemoConfig) -> None:
@@ -389,6 +396,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--w-max-mlp", type=float, default=d.w_max_mlp, help="RMS->RMS cap of the MLP (default %(default)s)")
     a("--w-max-head", type=float, default=d.w_max_head, help="l2 cap of the LM head (default %(default)s)")
     a("--muon-lr", type=float, default=d.muon_lr)
+    a("--head-lr", type=float, default=d.head_lr, help="Muon lr of the constrained model's head")
     a("--adamw-lr", type=float, default=d.adamw_lr)
     a("--twin-lr", type=float, default=d.twin_lr)
     a("--dim", type=int, default=d.dim)
@@ -428,6 +436,7 @@ def _run_args(args: argparse.Namespace) -> None:
         w_max_mlp=args.w_max_mlp,
         w_max_head=args.w_max_head,
         muon_lr=args.muon_lr,
+        head_lr=args.head_lr,
         adamw_lr=args.adamw_lr,
         twin_lr=args.twin_lr,
         dim=args.dim,
