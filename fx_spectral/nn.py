@@ -649,8 +649,8 @@ def spectral_norm(
     .. math:: \bar W = W / \sigma(W), \quad \sigma(W) \approx \lVert W_{mat} \rVert_2
 
     ``W_mat`` is the weight with ``dim`` moved first and the rest flattened. Sigma is estimated by
-    power iteration on float32 buffers ``{name}_u`` / ``{name}_v`` (15 warm-up steps at creation,
-    then ``n_power_iterations`` per training forward, none in eval). With the same u/v, outputs,
+    power iteration on float32 buffers ``{name}_u`` / ``{name}_v`` (16 warm-up steps at creation,
+    as torch ends up with, then ``n_power_iterations`` per training forward, none in eval). With the same u/v, outputs,
     gradients and u/v equal those of ``torch.nn.utils.parametrizations.spectral_norm``.
 
     Args:

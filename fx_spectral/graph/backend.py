@@ -16,7 +16,7 @@ owner by the *identity* of the Parameter object, never by the source name alone.
 by several modules (tied weights) goes to the Linear / Conv / ConvTranspose that holds it.
 
 State. u/v are float32 buffers ``{name}_u`` / ``{name}_v`` registered once on the owning module
-(15 warm-up iterations, as :func:`fx_spectral.spectral_norm` does), so ``model.state_dict()`` has the
+(16 warm-up iterations, as :func:`fx_spectral.spectral_norm` does), so ``model.state_dict()`` has the
 same keys as with the eager API and a checkpoint moves between the two. The compiled graph takes
 u/v as *extra inputs*, read from the owning module at every call: ``.to()``, ``load_state_dict`` and
 recompiles keep working.
@@ -373,7 +373,7 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
 
 
 def _ensure_uv(slots: list[_Slot], example_inputs: list, eps: float) -> None:
-    """Create the float32 u/v buffers the slots need (15 warm-up iterations); reuse existing ones.
+    """Create the float32 u/v buffers the slots need (16 warm-up iterations, as the eager API); reuse existing ones.
 
     Existing u/v of another floating dtype (after ``model.double()``) are converted back to float32.
     """
