@@ -75,7 +75,8 @@ def test_constrained_weights_respect_caps_and_bound(result):
             cap = cfg.w_max_qk if (".wq." in name or ".wk." in name) else cfg.w_max
             cap = cfg.w_max_mlp if ".mlp." in name else cap
             assert sigma <= cap * (1 + 1e-3), name
-    # the head is capped in l2 units (power-iteration estimate: allow 2%)
+    # the head has its own Muon and constraint, capped in l2 units (power-iteration estimate: allow 2%)
+    assert "lm_head.weight" in c["constrain_report"]
     assert c["bound_terms"]["lm_head"] <= cfg.w_max_head * 1.02
     assert c["lipschitz_bound"] == pytest.approx(math.prod(c["bound_terms"].values()))
     # constrain()'s own report agrees with the exact norms
