@@ -22,7 +22,7 @@ activations of both models, and writes ``metrics.json`` and ``lipschitz_demo.png
 
 Example::
 
-    $ fx-spectral demo                       # default budget, ~2-3 minutes on 2 cores
+    $ fx-spectral demo                       # default budget, ~1.5 minutes (one core)
     $ fx-spectral demo --steps 2000 --w-max 1.0 --method hard_cap --out /tmp/demo
 """
 
