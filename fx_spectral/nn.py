@@ -217,7 +217,7 @@ class _DivideBySigma(torch.autograd.Function):
             c = torch.sum(g * out.to(sigma.dtype))
         grad_w = g / sigma
         # NB: in place on the fresh grad_w: grad_w -= (c / sigma) u v^T, in the matrix view.
-        _add_outer_(grad_w, u * (-c / sigma), v, ctx.dim)
+        _add_outer_(grad_w, u * (c / sigma), v, ctx.dim, alpha=-1.0)
         return grad_w.to(grad.dtype), None, None, None, None
 
 
@@ -406,17 +406,17 @@ class _OpOverSigma(torch.autograd.Function):
         if need_w:
             c = torch.dot(g.reshape(-1), z_over_sigma.reshape(-1))  # <G, z> / sigma^2
             # NB: in place on the fresh weight gradient: grad_w -= c u v^T in the matrix view.
-            _add_outer_(grad_w, u * -c, v, ctx.dim)
+            _add_outer_(grad_w, u * c, v, ctx.dim, alpha=-1.0)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int) -> None:
-    """NB: in place: ``weight_matrix(t, dim) += outer(a, b)``."""
+def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int, alpha: float = 1.0) -> None:
+    """NB: in place: ``weight_matrix(t, dim) += alpha * outer(a, b)``, one kernel, no outer materialized."""
     if dim == 0 and t.is_contiguous():
-        t.view(t.shape[0], -1).addr_(a, b)
+        t.view(t.shape[0], -1).addr_(a, b, alpha=alpha)
     else:
         moved = t.movedim(dim, 0)
-        moved.add_(torch.outer(a, b).view(moved.shape))
+        moved.addcmul_(a.view(-1, *[1] * (moved.dim() - 1)), b.view(1, *moved.shape[1:]), value=alpha)
 
 
 def _generic_forward(self, *args, **kwargs):
