@@ -12,8 +12,7 @@ buffers ``{name}_u`` / ``{name}_v`` on the owning module):
 
 from fx_spectral import constraints
 from fx_spectral.constrain import constrain  # NB: binds the function over the submodule of the same name
-from fx_spectral.graph import backend as _backend_module  # noqa: F401  (registers backend="spectral")
-from fx_spectral.graph.backend import backend
+from fx_spectral.graph.backend import backend  # importing the module registers backend="spectral"
 from fx_spectral.graph.bake import bake
 from fx_spectral.graph.transform import transform
 from fx_spectral.lipschitz import lipschitz_bound

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 __all__ = ["SpectralConfig", "METHOD_NAMES"]
 
-METHOD_NAMES = (
+#: The projection methods (the names fx_spectral.constrain takes); one Literal so that tyro turns
+#: it into a choice flag, and METHOD_NAMES derived from it for validation.
+MethodName = Literal[
     "soft_cap",
     "hard_cap",
     "spectral_normalize",
@@ -15,7 +17,8 @@ METHOD_NAMES = (
     "spectral_weight_decay",
     "pure_svd",
     "orthogonalize",
-)
+]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -40,15 +43,7 @@ class SpectralConfig:
     enable: bool = True
     """Project weights after every optimizer step."""
 
-    method: Literal[
-        "soft_cap",
-        "hard_cap",
-        "spectral_normalize",
-        "spectral_hammer",
-        "spectral_weight_decay",
-        "pure_svd",
-        "orthogonalize",
-    ] = "soft_cap"
+    method: MethodName = "soft_cap"
     """Projection applied after every optimizer step (see fx_spectral.constrain)."""
 
     w_max: float = 1.0
