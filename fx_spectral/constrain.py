@@ -13,8 +13,8 @@ Structure (so other pieces can hook in):
 
 * every per-weight projection goes through :func:`fx_spectral.methods.project_matrix`; the method
   configs are re-exported here (``from fx_spectral.constrain import SoftCap`` works);
-* :meth:`Constraint._project_target` holds the ONE DTensor dispatch point, which hands sharded
-  parameters to ``fx_spectral.distributed.project_dtensor_(handle, target, method)``.
+* :meth:`Constraint._project_all` holds the ONE DTensor dispatch point, which hands all sharded
+  parameters together to ``fx_spectral.distributed.project_dtensors_(handle, targets, method)``.
 """
 
 from __future__ import annotations
@@ -266,17 +266,17 @@ class Constraint:
             self._side[(id(t.param), key)] = (u, v)
 
     def _context(self, t: _Target, key: str | None, matrix: Tensor, scale: float) -> ProjectionContext:
-        update = None
-        if _is_muon_group(t.group):
-            update = muon_update_norm(t.group, t.param.shape) / scale
+        group = t.group
+        muon = _is_muon_group(group)
+        update = muon_update_norm(group, t.param.shape) / scale if muon else None
         return ProjectionContext(
             w_max=t.w_max[key],
-            decay=_decay(t.group),
+            decay=_decay(group),
             update_norm=update,
             get_vectors=lambda: self._get_vectors(t, key),
             put_vectors=lambda u, v: self._put_vectors(t, key, u, v),
             seed=zlib.crc32(t.name(key).encode()),
-            muon=_is_muon_group(t.group),
+            muon=muon,
         )
 
     # --- projection ----------------------------------------------------------------------------
@@ -294,20 +294,15 @@ class Constraint:
                 sharded.append(t)
                 continue
             self._project_target(t, method)
-        if sharded:  # all DTensor weights together: shared collectives, full-spectrum work spread over ranks
+        if sharded:
+            # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed ----
+            # All DTensor weights together: shared collectives, full-spectrum work spread over ranks.
+            # Building blocks there: _matrices(target, handle._split) -> (key, matrix, write_back)
+            # per piece; _scale(matrix); handle._context(target, key, matrix, scale) (w_max, Muon
+            # coupling, persistent vectors); project_matrix(full_matrix, method, ctx, scale=...).
             _distributed().project_dtensors_(self, sharded, method)
 
     def _project_target(self, t: _Target, method: _Method) -> None:
-        if _is_dtensor(t.param):
-            # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed ----
-            # Contract: project_dtensor_(handle, target, method) projects target.param in place.
-            # Building blocks it can use: _matrices(target, handle._split) -> (key, matrix,
-            # write_back) per piece; _scale(matrix); handle._context(target, key, matrix, scale)
-            # (w_max, Muon coupling, persistent vectors get/put); project_matrix(full_matrix,
-            # method, ctx, scale=...) on a gathered matrix; fx_spectral.methods._HANDLERS for a
-            # custom (e.g. Gram or distributed power-iteration) path.
-            _distributed().project_dtensor_(self, t, method)
-            return
         for key, matrix, write_back in _matrices(t, self._split):
             scale = _scale(matrix)
             write_back(project_matrix(matrix, method, self._context(t, key, matrix, scale), scale=scale))

@@ -589,11 +589,6 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
     apply_full_(mats, fns)
 
 
-def project_dtensor_(handle, t, method) -> None:
-    """The per-target seam of :meth:`fx_spectral.constrain.Constraint._project_target`."""
-    project_dtensors_(handle, [t], method)
-
-
 @torch.no_grad()
 def report_dtensors(handle, targets: Sequence, *, exact: bool = True) -> dict[str, dict[str, float]]:
     """``Constraint.report()`` entries for DTensor targets (collective: call on every rank).
