@@ -1,7 +1,13 @@
 """The ``fx-spectral`` command line (also ``python -m fx_spectral``).
 
 Subcommands live in :data:`COMMANDS`: a name maps to a :class:`Command` whose ``module`` defines
-``add_arguments(parser)`` and ``run_from_args(args) -> int``. Adding a demo is one entry there.
+``add_arguments(parser)`` and ``run_from_args(args) -> int``, and optionally
+``check_args(args)``, which raises ``ValueError`` for arguments it refuses (the command line then
+prints argparse's usage error and exits with status 2, before any work starts). Adding a demo is
+one entry there.
+
+A subcommand's module (and so torch) is imported only when that subcommand is parsed:
+``fx-spectral --help`` and ``fx-spectral --version`` import neither.
 
 Example::
 
@@ -38,6 +44,44 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an int >= 1 (else argparse's usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its module is imported and its arguments added on first use
+    (parsing, ``--help``, usage), so building the top-level parser imports nothing heavy."""
+
+    command: Command | None = None  # set by build_parser; None: a plain parser
+
+    def _load(self) -> None:
+        command, self.command = self.command, None
+        if command is None:
+            return
+        impl = importlib.import_module(command.module)
+        impl.add_arguments(self)
+        self.set_defaults(_run=impl.run_from_args, _check=getattr(impl, "check_args", None), _parser=self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._load()
+        return super().format_usage()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fx_spectral import __version__
 
@@ -46,18 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="fx_spectral: control the spectral norm of PyTorch weights (eager, graph, constraints).",
     )
     parser.add_argument("--version", action="version", version=f"fx_spectral {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
     for name, cmd in COMMANDS.items():
-        impl = importlib.import_module(cmd.module)
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        impl.add_arguments(p)
-        p.set_defaults(_run=impl.run_from_args)
+        p.command = cmd
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fx-spectral`` console script; returns the exit status."""
+    """Entry point of the ``fx-spectral`` console script; returns the exit status.
+
+    Arguments a subcommand refuses give argparse's usage error (``SystemExit(2)``), not a traceback.
+    """
     args = build_parser().parse_args(argv)
+    if args._check is not None:
+        try:
+            args._check(args)
+        except ValueError as e:
+            args._parser.error(str(e))
     return int(args._run(args) or 0)
 
 

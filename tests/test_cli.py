@@ -112,6 +112,43 @@ def test_demo_is_the_default_command():
         parser.parse_args(["no-such-command"])
 
 
+@pytest.mark.parametrize("argv", [
+    ["demo", "--steps", "0"],
+    ["demo", "--method", "bogus"],
+    ["demo", "--dim", "-3"],
+    ["demo", "--threads", "-1"],
+    ["sn-demo", "--steps", "0"],
+    ["sn-demo", "--width", "x"],
+    ["sn-demo", "--threads", "0"],
+], ids=lambda a: "_".join(a).replace("-", ""))
+def test_invalid_arguments_are_usage_errors(argv, capsys):
+    """Refused before any work starts: argparse's usage line and exit status 2, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: fx-spectral " + argv[0]) and "error:" in err, err
+    assert argv[1] in err  # the message names the option
+
+
+def test_help_and_version_import_no_torch():
+    """`fx-spectral --help` answers without importing torch or any subcommand module."""
+    code = (
+        "import sys\n"
+        "from fx_spectral import cli\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "heavy = [m for m in sys.modules if m == 'torch' or m.startswith('fx_spectral.demos')]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "sn-demo" in proc.stdout and "fx_spectral 0.1.0" in proc.stdout
+
+
 def test_python_dash_m_help():
     proc = subprocess.run(
         [sys.executable, "-m", "fx_spectral", "--help"], capture_output=True, text=True, timeout=120, check=False

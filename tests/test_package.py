@@ -1,4 +1,4 @@
-"""The package root: the public names of DESIGN §2, and no submodule shadowing them."""
+"""The package root: the public names, loaded lazily, and no submodule shadowing them."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ CONSTRAINT_OPS = [
 ]
 
 
+def _run(code: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_public_names_are_the_functions():
     importlib.import_module("fx_spectral.constrain")  # a later submodule import must not shadow the function
     for name in PUBLIC:
@@ -24,9 +29,51 @@ def test_public_names_are_the_functions():
         assert callable(getattr(fx_spectral.constraints, name)), name
 
 
+def test_all_and_dir_list_every_public_name():
+    assert sorted(fx_spectral.__all__) == fx_spectral.__all__
+    assert set(PUBLIC) | {"constraints", "lipschitz_bound", "spectral_sigma"} <= set(fx_spectral.__all__)
+    for name in fx_spectral.__all__:
+        assert name in dir(fx_spectral), name
+        assert getattr(fx_spectral, name) is getattr(fx_spectral, name)
+    assert not [n for n in dir(fx_spectral) if n.startswith("_") and not n.startswith("__")]
+    try:
+        fx_spectral.no_such_name  # noqa: B018
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("an unknown attribute must raise AttributeError")
+
+
 def test_constrain_is_the_function_whatever_the_import_order():
-    code = (
-        "import types, fx_spectral.constrain, fx_spectral; "
-        "assert not isinstance(fx_spectral.constrain, types.ModuleType)"
+    _run(
+        "import types, fx_spectral.constrain, fx_spectral\n"
+        "assert not isinstance(fx_spectral.constrain, types.ModuleType)\n"
+        "from fx_spectral import constrain\n"
+        "assert callable(constrain) and not isinstance(constrain, types.ModuleType)\n"
+        "import sys; assert sys.modules['fx_spectral.constrain'].constrain is constrain\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_nn_loads_no_graph_machinery_and_registers_no_backend():
+    """`import fx_spectral.nn` costs little more than torch: no graph modules, no dynamo backend
+    registered (`list_backends()` names installed entry points without loading them, so the
+    registry's loaded compiler functions are what to check)."""
+    _run(
+        "import sys, torch, fx_spectral.nn, fx_spectral\n"
+        "from torch._dynamo.backends import registry\n"
+        "fx_spectral.spectral_norm(torch.nn.Linear(3, 2))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('fx_spectral'))\n"
+        "assert loaded == ['fx_spectral', 'fx_spectral.nn'], loaded\n"
+        "assert 'spectral' not in registry._COMPILER_FNS\n"
+    )
+
+
+def test_compile_backend_resolves_without_importing_the_backend_module():
+    """`torch.compile(m, backend="spectral")` after a bare `import fx_spectral` (entry point, or
+    the package's lazy attribute) normalizes the weight."""
+    _run(
+        "import torch, fx_spectral\n"
+        "m = torch.nn.Linear(4, 3)\n"
+        "y = torch.compile(m, backend='spectral')(torch.randn(2, 4))\n"
+        "assert 'weight_u' in dict(m.named_buffers()), 'the backend did not run'\n"
+    )

@@ -427,8 +427,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad arguments before anything runs (``fx-spectral`` turns the ValueError into a usage error)."""
+    from fx_spectral.methods import METHODS
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method: expected one of {', '.join(sorted(METHODS))}; got {args.method!r}")
+    if args.threads < 0:
+        raise ValueError(f"--threads: expected >= 0, got {args.threads}")
+    _config(args)  # DemoConfig validates the rest
+
+
 def _run_args(args: argparse.Namespace) -> None:
-    cfg = DemoConfig(
+    run(_config(args), out=args.out, progress=not args.no_progress)
+
+
+def _config(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(
         steps=args.steps,
         method=args.method,
         w_max=args.w_max,
@@ -446,7 +461,6 @@ def _run_args(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    run(cfg, out=args.out, progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

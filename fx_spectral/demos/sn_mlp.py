@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fx_spectral import apply_spectral_norm, spectral_sigma
+from fx_spectral.cli import positive_int
+from fx_spectral.nn import apply_spectral_norm, spectral_sigma
 
 
 def make_spirals(
@@ -257,11 +258,11 @@ def _print_report(r: DemoResult, names: list[str], steps: int, out: TextIO) -> N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=400, help="training steps per network (default: 400)")
-    parser.add_argument("--width", type=int, default=64, help="hidden units per layer (default: 64)")
-    parser.add_argument("--depth", type=int, default=3, help="hidden layers (default: 3)")
+    parser.add_argument("--steps", type=positive_int, default=400, help="training steps per network (default: 400)")
+    parser.add_argument("--width", type=positive_int, default=64, help="hidden units per layer (default: 64)")
+    parser.add_argument("--depth", type=positive_int, default=3, help="hidden layers (default: 3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
