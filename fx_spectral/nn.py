@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, is_lazy
+from torch.nn.utils import parametrize
 
 __all__ = [
     "spectral_norm",
@@ -292,7 +294,7 @@ def _op_over_sigma(module: nn.Module, input: Tensor, conv_args: tuple | None) ->
 
 
 def _linear_forward(self, input: Tensor) -> Tensor:
-    if _divide_output(self, input, input.numel() // self.in_features * self.out_features):
+    if _divide_output(self, input, math.prod(input.shape[:-1]) * self.out_features):
         return _op_over_sigma(self, input, None)
     return F.linear(input, _sn_weight(self, "weight"), self.bias)
 
@@ -413,7 +415,7 @@ class _OpOverSigma(torch.autograd.Function):
 def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int, alpha: float = 1.0) -> None:
     """NB: in place: ``weight_matrix(t, dim) += alpha * outer(a, b)``, one kernel, no outer materialized."""
     if dim == 0 and t.is_contiguous():
-        t.view(t.shape[0], -1).addr_(a, b, alpha=alpha)
+        t.flatten(1).addr_(a, b, alpha=alpha)  # a view of contiguous t (zero-size included)
     else:
         moved = t.movedim(dim, 0)
         moved.addcmul_(a.view(-1, *[1] * (moved.dim() - 1)), b.view(1, *moved.shape[1:]), value=alpha)
@@ -566,14 +568,27 @@ def _check_options(n_power_iterations: int, eps: float, where: str) -> None:
         raise ValueError(f"{where}: expected n_power_iterations >= 1, got {n_power_iterations}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{where}: expected eps to be a positive float, got {eps!r}")
-    if not eps > 0:
-        raise ValueError(f"{where}: expected eps > 0, got {eps}")
+    # eps only guards divisions by ~0 (vector norms, sigma): a value near a real sigma would freeze
+    # u/v and replace sigma by eps, so it must be finite and well below 1.
+    if not (math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(f"{where}: expected eps to be finite with 0 < eps < 1 (a guard against division by ~0; "
+                         f"default 1e-12), got {eps}")
 
 
 def _param_config(module: nn.Module, name: str, dim: int | None, n_iter: int, eps: float, where: str) -> _SNParam:
     """Validate one parameter of ``module`` and return its configuration (no mutation)."""
     kind = type(module).__name__
     param = module._parameters.get(name) if name in module._parameters else None
+    if param is None and parametrize.is_parametrized(module, name):
+        found = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+        torch_sn = " (torch's own parametrizations.spectral_norm)" if "_SpectralNorm" in found else ""
+        raise ValueError(
+            f"{where}: parameter {name!r} of {kind} is already parametrized with torch.nn.utils.parametrize: "
+            f"{found}{torch_sn}; the module has no plain parameter {name!r} to normalize. "
+            "Remove torch's parametrization first: "
+            f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r}) (it keeps the current "
+            "normalized value as the plain weight), then apply fx_spectral"
+        )
     if param is None:
         found = [n for n, p in module.named_parameters(recurse=False)]
         raise ValueError(
@@ -658,7 +673,8 @@ def spectral_norm(
             forward (Lazy ones get u/v at their first forward).
         name: a parameter name or a tuple of names (each gets its own u/v). Default ``"weight"``.
         n_power_iterations: power-iteration steps per training forward. Default 1.
-        eps: guard for the vector norms and for sigma. Default 1e-12.
+        eps: guard for the vector norms and for sigma against division by ~0; finite, 0 < eps < 1.
+            Default 1e-12.
         dim: the output dimension. Default 0, or 1 for ConvTranspose.
 
     Returns:

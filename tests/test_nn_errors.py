@@ -85,6 +85,10 @@ def test_dim_out_of_range(module_snapshot, factory, dim):
     (dict(eps=0.0), ValueError, "eps"),
     (dict(eps=-1e-3), ValueError, "-0.001"),
     (dict(eps=float("nan")), ValueError, "nan"),
+    (dict(eps=float("inf")), ValueError, "inf"),
+    (dict(eps=-float("inf")), ValueError, "-inf"),
+    (dict(eps=1.0), ValueError, "0 < eps < 1"),
+    (dict(eps=1e30), ValueError, "1e+30"),
     (dict(eps="1e-12"), TypeError, "eps"),
     (dict(dim=1.0), TypeError, "dim"),
     (dict(name=3), TypeError, "3"),
@@ -159,7 +163,25 @@ def test_apply_bad_module_midway_changes_nothing(module_snapshot):
 def test_apply_torch_parametrized_module_midway(module_snapshot):
     model = _model()
     torch_spectral_norm(model[1][0])  # already normalized by torch: no plain `weight` parameter
-    expect_error(model, ValueError, "1.0.weight", "'weight'", fn=apply_spectral_norm, snapshot_pair=module_snapshot)
+    msg = expect_error(model, ValueError, "1.0.weight", "'weight'", fn=apply_spectral_norm,
+                       snapshot_pair=module_snapshot)
+    # what is there, and what to do about it
+    assert "parametrized" in msg and "_SpectralNorm" in msg and "spectral_norm" in msg, msg
+    assert "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')" in msg, msg
+    assert "no parameter" not in msg
+    expect_error(model[1][0], ValueError, "remove_parametrizations", snapshot_pair=module_snapshot)
+
+
+def test_torch_parametrized_then_removed_can_be_normalized():
+    """The advice in the error works: remove torch's parametrization, then fx_spectral normalizes."""
+    m = torch_spectral_norm(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    m.eval()
+    before = m(x)
+    torch.nn.utils.parametrize.remove_parametrizations(m, "weight")
+    torch.testing.assert_close(m(x), before)  # leave_parametrized=True: the weight is W / sigma now
+    apply_spectral_norm(m)
+    assert fx_spectral.is_spectral_normalized(m)
 
 
 def test_apply_bad_name_tuple_midway(module_snapshot):

@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fx_spectral
 from fx_spectral import (
@@ -425,7 +426,6 @@ def test_package_root_exports():
 
 def test_torch_func_transforms_match_torch():
     """jacrev / vmap (local Lipschitz estimates) and func.grad over functional_call, train and eval."""
-    from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
     base = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4), nn.Unflatten(-1, (4, 1)),
                          nn.Conv1d(4, 8, 1))
@@ -454,7 +454,6 @@ def test_torch_func_transforms_match_torch():
 
 def test_torch_checkpoint_converts_by_renaming_keys():
     """docs/eager.md: a torch spectral_norm checkpoint loads after renaming its keys."""
-    from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
     src = _net()
     for i in (0, 2, 4):
@@ -526,3 +525,36 @@ def test_apply_skips_multihead_attention_out_proj_with_a_warning():
     remove_spectral_norm(ref.self_attn, "in_proj_weight")  # bakes W/sigma into a plain module
     torch.testing.assert_close(layer(x), ref(x))
     torch.testing.assert_close(ref.self_attn.in_proj_weight, w.detach() / sigma)
+
+
+# ---------------------------------------------------------------------------- zero-size weights
+
+
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(0, 5), (3, 0)),
+    (lambda: nn.Linear(5, 0), (3, 5)),
+    (lambda: nn.Linear(5, 0, bias=False), (64, 5)),
+    (lambda: nn.Linear(0, 0), (2, 0)),
+    (lambda: nn.Linear(0, 5), (2, 3, 0)),
+], ids=["in0", "out0", "out0_nobias_big_batch", "both0", "in0_3d"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_zero_size_weights_behave_like_torch(factory, shape):
+    """A zero-size weight: zero-size outputs / gradients, no error, as with torch's spectral_norm."""
+    base = factory()
+    ref = torch_spectral_norm(copy.deepcopy(base))
+    ours = spectral_norm(copy.deepcopy(base))
+    for training in (True, False):
+        ref.train(training), ours.train(training)
+        xr = torch.randn(shape).requires_grad_()
+        xo = xr.detach().clone().requires_grad_()
+        yr, yo = ref(xr), ours(xo)
+        assert yo.shape == yr.shape
+        torch.testing.assert_close(yo, yr)
+        g = torch.randn_like(yr)
+        yr.backward(g), yo.backward(g)
+        torch.testing.assert_close(xo.grad, xr.grad)
+        torch.testing.assert_close(ours.weight.grad, ref.parametrizations.weight.original.grad)
+        if ours.bias is not None:
+            torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+        ref.zero_grad(), ours.zero_grad()
+    assert torch.isfinite(spectral_sigma(ours)) and ours.weight_u.shape == (base.out_features,)
