@@ -6,7 +6,9 @@ steps, then in eval; sigma against torch.linalg.matrix_norm(ord=2) after converg
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fx_spectral
+import fx_spectral.nn as sn_impl
 from fx_spectral.nn import default_dim, spectral_norm, spectral_sigma, weight_matrix
 
 TOL = dict(atol=1e-6, rtol=1e-6)
@@ -85,6 +88,99 @@ def run_and_compare(ref, ours, shape, steps=3, name="weight"):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), **TOL)
     assert torch.equal(getattr(ours, name + "_u"), u_before), "eval must not update u"
+
+
+# ---------------------------------------------------------------------------- both eager paths
+#
+# A fused Linear / Conv / ConvTranspose forward takes one of two routes, chosen per call by size:
+# "output": op(x, W) / sigma + b (_OpOverSigma), when the output is smaller than the weight;
+# "weight": op(x, W / sigma) + b (_DivideBySigma, its fused backward), otherwise. Each key property
+# (conformance, gradients, double backward) runs on both, the route checked, not assumed.
+
+
+@contextlib.contextmanager
+def eager_paths():
+    """Record the route of every fused training/eval forward: yields a list of "output"/"weight"."""
+    taken: list[str] = []
+    op_over_sigma, sn_weight = sn_impl._op_over_sigma, sn_impl._sn_weight
+
+    def output_route(*args, **kwargs):
+        taken.append("output")
+        return op_over_sigma(*args, **kwargs)
+
+    def weight_route(*args, **kwargs):
+        taken.append("weight")
+        return sn_weight(*args, **kwargs)
+
+    with mock.patch.object(sn_impl, "_op_over_sigma", output_route), mock.patch.object(sn_impl, "_sn_weight",
+                                                                                        weight_route):
+        yield taken
+
+
+# (id, factory, {path: input shape selecting it})
+PATH_CASES = [
+    ("linear", lambda: nn.Linear(16, 8), {"output": (2, 16), "weight": (64, 16)}),
+    ("linear_3d_input", lambda: nn.Linear(12, 6, bias=False), {"output": (1, 2, 12), "weight": (4, 8, 12)}),
+    ("conv2d", lambda: nn.Conv2d(8, 16, 3, stride=2), {"output": (1, 8, 5, 5), "weight": (8, 8, 9, 9)}),
+    ("conv1d_grouped", lambda: nn.Conv1d(8, 8, 3, groups=2), {"output": (1, 8, 4), "weight": (8, 8, 12)}),
+    ("convT1d", lambda: nn.ConvTranspose1d(16, 8, 3), {"output": (1, 16, 1), "weight": (8, 16, 8)}),
+    ("convT2d_grouped", lambda: nn.ConvTranspose2d(8, 8, 3, groups=2, stride=2),
+     {"output": (1, 8, 1, 1), "weight": (4, 8, 4, 4)}),
+]
+PATHS = ["output", "weight"]
+
+
+def _path_params():
+    return [pytest.param(f, shapes[p], p, id=f"{name}-{p}") for name, f, shapes in PATH_CASES for p in PATHS]
+
+
+@pytest.mark.parametrize("factory,shape,path", _path_params())
+def test_matches_torch_on_both_paths(factory, shape, path):
+    """Outputs, weight / bias gradients and u/v over 3 SGD steps, then eval, on the route named."""
+    ref, ours = make_pair(factory)
+    with eager_paths() as taken:
+        run_and_compare(ref, ours, shape)
+    assert taken and set(taken) == {path}, taken
+
+
+@pytest.mark.parametrize("factory,shape,path", _path_params())
+def test_input_gradient_matches_torch_on_both_paths(factory, shape, path):
+    """d out / d x (frozen weights and trainable ones), on the route named."""
+    ref, ours = make_pair(factory)
+    for requires_grad in (True, False):
+        ref.requires_grad_(requires_grad), ours.requires_grad_(requires_grad)
+        x = torch.randn(shape)
+        grads = []
+        with eager_paths() as taken:
+            for model in (ref, ours):
+                xi = x.clone().requires_grad_()
+                y = model(xi)
+                y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+                grads.append(xi.grad)
+        assert set(taken) == {path}, taken
+        torch.testing.assert_close(grads[1], grads[0], **TOL)
+
+
+@pytest.mark.parametrize("factory,shape,path", _path_params())
+def test_double_backward_matches_torch_on_both_paths(factory, shape, path):
+    """Hessian-vector product w.r.t. the weight and an input-gradient penalty (create_graph=True)."""
+    ref, ours = make_pair(factory)
+    x = torch.randn(shape)
+    vec = None
+    results = []
+    with eager_paths() as taken:
+        for model, w in ((ref, ref.parametrizations.weight.original), (ours, ours.weight)):
+            xi = x.clone().requires_grad_()
+            out = model(xi)
+            loss = (out.square() * out.detach().sign()).mean()
+            gw, gx = torch.autograd.grad(loss, (w, xi), create_graph=True)
+            vec = torch.randn_like(gw) if vec is None else vec
+            ((gw * vec).sum() + gx.square().sum()).backward()
+            results.append((gw.detach(), gx.detach(), w.grad.clone()))
+    assert set(taken) == {path}, taken
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    torch.testing.assert_close(results[1][1], results[0][1], **TOL)
+    torch.testing.assert_close(results[1][2], results[0][2], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("factory,shape", [c[1:] for c in CASES], ids=IDS)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
 
+import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+# the route spy shared with the conformance tests (tests/ is on sys.path under pytest's default import mode)
+from test_nn_conformance import PATHS, eager_paths  # noqa: E402
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
@@ -44,9 +49,22 @@ def _torch_uv(ref):
     return sn._u, sn._v
 
 
+def _batch_for_path(base: nn.Module, shape: tuple, dtype: torch.dtype, path: str) -> tuple | None:
+    """The input shape (batch changed) that makes the fused forward take ``path``, or None if none does."""
+    with torch.no_grad():
+        per_sample = base(torch.zeros(1, *shape[1:])).numel()
+    w = base.weight.numel()
+    if path == "output":  # op(x, W) / sigma: float32 only, output smaller than the weight
+        return shape if dtype == torch.float32 and 5 * per_sample * shape[0] < 4 * w else None
+    return (max(shape[0], math.ceil(4 * w / (5 * per_sample))), *shape[1:])
+
+
+@pytest.mark.parametrize("path", PATHS)
 @given(modules(), st.sampled_from([torch.float32, torch.float64]), st.integers(1, 3))
-def test_matches_torch_for_the_same_uv(case, dtype, n_iter):
+def test_matches_torch_for_the_same_uv(path, case, dtype, n_iter):
     base, shape = case
+    shape = _batch_for_path(base, shape, dtype, path)
+    assume(shape is not None)
     base = base.to(dtype)
     ref = torch_spectral_norm(copy.deepcopy(base), n_power_iterations=n_iter)
     ours = spectral_norm(copy.deepcopy(base), n_power_iterations=n_iter)
@@ -57,6 +75,12 @@ def test_matches_torch_for_the_same_uv(case, dtype, n_iter):
         u.copy_(u.float()), v.copy_(v.float())
         ours.weight_u.copy_(u), ours.weight_v.copy_(v)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-6, rtol=1e-6)
+    with eager_paths() as taken:
+        _compare_steps(ref, ours, shape, dtype, tol)
+    assert set(taken) == {path}, taken
+
+
+def _compare_steps(ref, ours, shape, dtype, tol):
     for _ in range(2):
         x = torch.randn(shape, dtype=dtype)
         y_ref, y_ours = ref(x), ours(x)
