@@ -104,7 +104,7 @@ def _sequential_terms(seq: nn.Sequential, prefix: str) -> list[LipschitzTerm]:
         elif isinstance(child, (nn.modules.conv._ConvNd,)):
             raise TypeError(
                 f"lipschitz_bound: {path} is a {type(child).__name__}; the norm of its reshaped weight "
-                "matrix is not the operator norm of the convolution (DESIGN §3), so no certificate "
+                "matrix is not the operator norm of the convolution, so no certificate "
                 "can be read off it. Supported: Linear and elementwise activations."
             )
         else:

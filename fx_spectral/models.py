@@ -1,4 +1,4 @@
-"""A small paper-style Lipschitz transformer (arXiv 2507.13338, DESIGN §4).
+"""A small paper-style Lipschitz transformer (arXiv 2507.13338).
 
 The architecture is chosen so that a Lipschitz bound can be read off the weights
 (see :func:`fx_spectral.lipschitz.lipschitz_bound`):

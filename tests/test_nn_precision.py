@@ -99,7 +99,7 @@ def test_fp32_weights_under_cpu_autocast(kind):
 
 
 def test_fp16_sigma_is_float32_estimate_of_true_norm():
-    """DESIGN §3: an fp16 estimate drifts (0.632 vs 0.642); ours is float32 and converges."""
+    """An fp16 estimate drifts (0.632 vs 0.642); ours is float32 and converges."""
     m = spectral_norm(nn.Linear(64, 64), n_power_iterations=100).half()
     with torch.no_grad():
         for _ in range(3):

@@ -109,7 +109,7 @@ def test_import_without_torchtitan_says_how_to_install():
     code = "import sys; sys.modules['torchtitan'] = None; import fx_spectral.integrations.torchtitan"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "ImportError" in proc.stderr and "pip install fx_spectral[torchtitan]" in proc.stderr
+    assert "ImportError" in proc.stderr and 'pip install -e ".[torchtitan]"' in proc.stderr
 
 
 def test_spectral_config_validates():

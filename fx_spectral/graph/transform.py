@@ -8,7 +8,7 @@ e.g. ``ep.module()`` of an ExportedProgram) and returns a :class:`SpectralGraphM
 graph for training (power iteration, u/v updated in place) and one for eval (no update), chosen
 on ``self.training`` at each call. :func:`spectral_pass` is the single-graph, in-place pass for
 pt2e-style pipelines. The u/v vectors are float32 buffers ``{name}_u`` / ``{name}_v`` on the
-module owning the weight (DESIGN §2), so ``state_dict`` keys equal the eager API's.
+module owning the weight, so ``state_dict`` keys equal the eager API's.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """fx_spectral for TorchTitan: spectral constraints on Qwen3 (and other decoders), FSDP2 / TP ready.
 
-Install with ``pip install fx_spectral[torchtitan]``. Then either
+Install with ``pip install -e ".[torchtitan]"`` from a clone of the repository. Then either
 
 * train with the config registry here::
 
@@ -20,7 +20,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "fx_spectral.integrations.torchtitan needs TorchTitan, which is not installed: "
-        "pip install fx_spectral[torchtitan]"
+        'pip install -e ".[torchtitan]" in a clone of fx_spectral'
     ) from e
 
 from fx_spectral.integrations.torchtitan import _triton_shim

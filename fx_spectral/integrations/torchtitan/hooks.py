@@ -6,7 +6,7 @@ such a function that first runs the model's own hook (Qwen3's MoE load balancing
 ``constrain()`` on every model part with the container, so the projection runs as a step post-hook
 of the container after every ``optimizers.step()``, on plain or DTensor (FSDP2 / TP) weights.
 
-Fused QKV (DESIGN §5): TorchTitan's ``FusedQKVLinear.wqkv.weight`` has rows ordered
+Fused QKV: TorchTitan's ``FusedQKVLinear.wqkv.weight`` has rows ordered
 ``(n_kv, R, head_dim)`` with ``R = heads_per_kv + 2``: per KV group its Q heads, then K, then V.
 :func:`fused_qkv_split` views it as ``(n_kv, R, head_dim, dim)`` and hands ``constrain`` the Q block
 ``[:, :heads_per_kv]`` (``n_heads·head_dim × dim``, the matrix of an unfused ``wq``), the K block
