@@ -64,7 +64,7 @@ def test_every_python_fence_is_runnable_or_a_marked_fragment():
     bad = []
     for path in DOC_FILES:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            m = re.match(r"\s*(```+|~~~+)\s*(\S.*)?$", line)
+            m = re.match(r"\s*(`{3,}|~{3,})([^`]*)$", line)  # a fence's info string has no backtick
             info = (m.group(2) or "").strip() if m else ""
             if re.search(r"\bpy(thon)?\b|pycon", info) and info not in (RUNNABLE, FRAGMENT):
                 bad.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
