@@ -571,7 +571,7 @@ def _check_options(n_power_iterations: int, eps: float, where: str) -> None:
     # eps only guards divisions by ~0 (vector norms, sigma): a value near a real sigma would freeze
     # u/v and replace sigma by eps, so it must be finite and well below 1.
     if not (math.isfinite(eps) and 0 < eps < 1):
-        raise ValueError(f"{where}: expected eps to be finite with 0 < eps < 1 (a guard against division by ~0; "
+        raise ValueError(f"{where}: expected eps > 0, finite and < 1 (a guard against division by ~0; "
                          f"default 1e-12), got {eps}")
 
 
