@@ -7,8 +7,8 @@ is deliberately not runnable (a signature, a listing of generated code) is fence
 ```` ```{.python .fragment} ````; keep those rare. Blocks are extracted with mktestdocs.
 
 Cheap mode: the docs compile with ``backend="spectral"``, whose inner compiler defaults to
-inductor; here the default inner compiler is ``aot_eager`` (the same graphs, the same numbers to
-rounding, no C++ build), so a block costs seconds.
+inductor; here the default inner compiler is ``eager`` (the same rewritten graphs, run as they
+are: no AOT tracing, no C++ build), so a block costs seconds.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _blocks() -> list:
 def _cheap_compile(monkeypatch):
     from fx_spectral.graph.backend import SpectralBackendConfig
 
-    monkeypatch.setitem(SpectralBackendConfig.__init__.__kwdefaults__, "inner", "aot_eager")
+    monkeypatch.setitem(SpectralBackendConfig.__init__.__kwdefaults__, "inner", "eager")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
