@@ -257,6 +257,7 @@ def test_report_exact_and_estimate_and_activations():
     h0 = torch.nn.functional.linear(x, model[0].weight, model[0].bias).abs().max().item()  # no hooks
     assert approx["0"]["max_activation"] >= h0 - 1e-6
     assert "0" not in handle.report()  # reset by the previous report, no forward since
+    handle.remove()
     with pytest.raises(ValueError, match="track_activations"):
         constrain(model, opt, "pure_svd").report(activations=True)
 
@@ -307,13 +308,17 @@ def test_config_objects_and_selection_rules():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     handle = constrain(model, opt, HardCap(exact=True))
     assert handle.names == ["body.0.weight", "body.2.weight", "body.4.weight"]
+    handle.remove()  # (a live handle refuses a second constrain() of its weights)
     handle = constrain(model, opt, SoftCap(alpha=0.1), sensitive_to_wmax=False, exclude="body.4.*")
     assert handle.method == SoftCap(alpha=0.1, sensitive_to_wmax=False)
     assert handle.names == ["body.0.weight", "body.2.weight"]
+    handle.remove()
     handle = constrain(model, opt, "pure_svd", include=["head.weight", "emb.weight"])
     assert handle.names == ["emb.weight", "head.weight"]
+    handle.remove()
     handle = constrain(model, opt, "pure_svd", filter_fn=lambda mod, fqn: mod.out_features == 32)
     assert handle.names == ["body.0.weight", "body.2.weight"]
+    handle.remove()
     # only the optimizer's parameters
     opt_body0 = torch.optim.SGD(model["body"][0].parameters(), lr=0.1)
     assert constrain(model, opt_body0, "pure_svd").names == ["body.0.weight"]
