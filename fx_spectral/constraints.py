@@ -445,7 +445,24 @@ def hard_cap(
         X = _into_range(X / w_max, _HARD_CAP_RANGE, margin=1.1)
         return (_odd_poly_(X, HARD_CAP_COEFFICIENTS, matmul_dtype=matmul_dtype) * w_max).to(W.dtype)
     edtype = torch.float64 if X.dtype == torch.float64 else torch.float32
-    Xe, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
+    Y, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
+    # One pass leaves an error of about eps·σ₁(X) (the eigenvectors' rounding times the input), so
+    # a σ₁ far above w_max (one huge update) takes a few passes, each on the previous result.
+    for _ in range(_EXACT_CAP_PASSES):
+        Y, ratio = _exact_cap_pass(Y, w_max)
+        if not bool((ratio > 2.0).any()):
+            break
+    if transposed:
+        Y = Y.mT
+    return Y.to(W.dtype)
+
+
+_EXACT_CAP_PASSES = 8  # enough for σ₁/w_max up to the float32 range (each pass gains ~1e-6)
+
+
+def _exact_cap_pass(Xe: Tensor, w_max: float) -> tuple[Tensor, Tensor]:
+    # min(σ, w_max) on a wide (m <= n) matrix via eigh of the Gram of Xe / max|Xe| (no overflow);
+    # also returns σ₁/w_max of the input. A matrix with nothing to cap is returned as it is.
     Z, peak = _peak_scaled(Xe)  # Z = Xe / peak: entries in [-1, 1], its Gram cannot overflow
     lam, Q = torch.linalg.eigh(_gram(Z))
     sigma = lam.clamp_min(0).sqrt()  # singular values of Z; those of Xe are peak times these
@@ -454,10 +471,7 @@ def hard_cap(
     # X_capped = Q g(Λ) Qᵀ X  (left polar factor form, since X Xᵀ = Q Λ Qᵀ)
     Y = (Q * g.unsqueeze(-2)) @ (Q.mT @ Xe)
     inside = (g == 1).all(-1)[..., None, None]  # nothing to cap: the input itself, not Q Qᵀ X
-    Y = torch.where(inside, Xe, Y)
-    if transposed:
-        Y = Y.mT
-    return Y.to(W.dtype)
+    return torch.where(inside, Xe, Y), sigma[..., -1] / bound.squeeze(-1)
 
 
 #: The hard-cap polynomial stays within 1% of 1 up to about 3.5, then turns negative and diverges.
