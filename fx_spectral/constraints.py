@@ -527,8 +527,8 @@ def orthogonalize(
     ``W / ‖W‖_F`` then ``steps`` iterations :math:`X \leftarrow aX + (bA + cA^2)X`,
     :math:`A = X X^\top`, with torch.optim.Muon's coefficients: singular values land in about
     [0.68, 1.2] (not exactly 1, by design of those coefficients). ``exact=True`` returns
-    :math:`U V^\top` from an SVD. Batched, on the smaller Gram side, in ``dtype`` (Muon itself
-    uses bf16).
+    :math:`U V^\top` from an SVD (zero singular values stay 0: a zero matrix gives zero).
+    Batched, on the smaller Gram side, in ``dtype`` (Muon itself uses bf16).
 
     Example::
 
@@ -538,8 +538,12 @@ def orthogonalize(
     X = _compute(W, dtype)
     if exact:
         sdtype = torch.float64 if X.dtype == torch.float64 else torch.float32
-        U, _, Vh = torch.linalg.svd(X.to(sdtype), full_matrices=False)
-        return (U @ Vh).to(W.dtype)
+        U, S, Vh = torch.linalg.svd(X.to(sdtype), full_matrices=False)
+        # U Vᵀ on the numerical range; directions with a zero singular value map to 0 (as
+        # Newton–Schulz does), so a zero matrix stays zero instead of becoming an arbitrary U Vᵀ.
+        tol = S[..., :1] * (max(X.shape[-2:]) * torch.finfo(sdtype).eps)
+        keep = (S > tol).to(sdtype)
+        return ((U * keep.unsqueeze(-2)) @ Vh).to(W.dtype)
     a, b, c = coefficients
     return _odd_poly_(X, ((a, b, c),) * steps, normalize_frobenius=True, matmul_dtype=matmul_dtype).to(W.dtype)
 
