@@ -3,7 +3,7 @@ r"""``constrain()``: project weights after every optimizer step (Lipschitz-trans
 .. math::
     W \leftarrow s\cdot\mathrm{project}(W / s), \qquad s = \sqrt{\mathrm{fan\_out}/\mathrm{fan\_in}}
 
-so every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/s` (DESIGN §4). The ops live in
+so every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/s` (arXiv 2507.13338). The ops live in
 :mod:`fx_spectral.constraints`; what one projection of one matrix does (the method configs,
 :func:`~fx_spectral.methods.project_matrix`, the soft cap's coupling to torch.optim.Muon) in
 :mod:`fx_spectral.methods`; this file is the machinery that selects weights, keeps persistent
@@ -476,7 +476,7 @@ def constrain(
 
     Registers ``optimizer.register_step_post_hook``; under no_grad, in place, each selected weight
     the optimizer updated in that step is projected in RMS→RMS units. Conv weights are matrices
-    ``(out, in/groups·k…)``, ConvTranspose ``(out/groups, in·k…)`` (DESIGN §2).
+    ``(out, in/groups·k…)``, ConvTranspose ``(out/groups, in·k…)`` (as :mod:`fx_spectral.nn`).
 
     Args:
         model: the model whose parameters ``optimizer`` updates.

@@ -49,7 +49,7 @@ __all__ = [
     "soft_cap_polynomial",
 ]
 
-#: The paper's four odd polynomial steps x ← x(a + b x² + c x⁴) approximating min(1, x) (DESIGN §4).
+#: The paper's four odd polynomial steps x ← x(a + b x² + c x⁴) approximating min(1, x) (arXiv 2507.13338).
 HARD_CAP_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
     (0.805032, 0.206361, -0.019763),
     (0.649867, 0.162935, -0.011150),
@@ -210,7 +210,7 @@ def power_iterate(
     r"""Estimate the top singular triple :math:`(u, \sigma_1, v)` of ``W`` (batched).
 
     One step is :math:`u = \mathrm{normalize}(W v)`, then :math:`v = \mathrm{normalize}(W^\top u)`,
-    and :math:`\hat\sigma = u^\top W v` (torch's spectral_norm order, DESIGN §2). ``sigma`` is
+    and :math:`\hat\sigma = u^\top W v` (torch's spectral_norm order). ``sigma`` is
     differentiable with respect to ``W`` (u and v are constants); u and v are returned detached.
 
     Args:
@@ -219,7 +219,7 @@ def power_iterate(
         u, v: starting vectors ``(..., m)`` / ``(..., n)`` (not modified). With only ``u``,
             ``v = normalize(Wᵀu)`` starts the iteration.
         eps: norms at or below ``eps`` keep the previous vector (a zero weight gives sigma 0).
-        dtype: compute dtype; default float32 for fp16/bf16 input (the DESIGN precision rule),
+        dtype: compute dtype; default float32 for fp16/bf16 input (sigma is kept in float32 under low precision),
             else ``W.dtype``.
         generator: for the random start.
 

@@ -18,7 +18,7 @@ Power iteration, distributed (u, v are full float32 vectors, identical on every 
     :math:`[\,\mathrm{scatter}_{R_r}(a_r),\; W_{R_r}^\top a_r\,]` gives :math:`a = Wv` and
     :math:`W^\top a`; then :math:`u = a/\|a\|`, :math:`v = W^\top a/\|W^\top a\|` and
     :math:`\hat\sigma = \|W^\top u\| = u^\top W v` — the same numbers as the single-process
-    iteration (DESIGN §2 order). Other layouts (``Shard(1)``, 2-D blocks) use two all-reduces per
+    iteration (torch's spectral_norm order). Other layouts (``Shard(1)``, 2-D blocks) use two all-reduces per
     iteration (one of an ``m``-vector for :math:`Wv`, one of an ``n``-vector for :math:`W^\top u`).
     All matrices of a step share each all-reduce (one flat buffer), so a step costs ``n_iter``
     (or ``2·n_iter``) collectives whatever the number of weights.
