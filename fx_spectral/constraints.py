@@ -378,7 +378,7 @@ def soft_cap(
     (:math:`t^* = 1/3`), falls to 0 at :math:`1/\sqrt\alpha` and diverges (as :math:`-\alpha^4\sigma^9`)
     beyond. A matrix whose estimated top singular value exceeds ``limit`` (default and at most
     :math:`1/\sqrt\alpha`) is first scaled down so that it is ``limit`` (every singular value by
-    one factor; a 15-step power estimate, bounded by the Frobenius norm), so no finite input gives
+    one factor; a 10-step power estimate, bounded by the Frobenius norm), so no finite input gives
     a huge or NaN result: every output singular value is at most the peak :math:`f(\sigma^*)`.
 
     Args:
@@ -476,7 +476,7 @@ def _exact_cap_pass(Xe: Tensor, w_max: float) -> tuple[Tensor, Tensor]:
 
 #: The hard-cap polynomial stays within 1% of 1 up to about 3.5, then turns negative and diverges.
 _HARD_CAP_RANGE = 3.0
-_RANGE_ITERATIONS = 15
+_RANGE_ITERATIONS = 10
 
 
 def _into_range(X: Tensor, limit: float, *, margin: float) -> Tensor:
