@@ -14,7 +14,9 @@ Structure (so other pieces can hook in):
 * every per-weight projection goes through :func:`fx_spectral.methods.project_matrix`; the method
   configs are re-exported here (``from fx_spectral.constrain import SoftCap`` works);
 * :meth:`Constraint._project_all` holds the ONE DTensor dispatch point, which hands all sharded
-  parameters together to ``fx_spectral.distributed.project_dtensors_(handle, targets, method)``.
+  parameters together to ``fx_spectral.distributed.prepare_dtensors(handle, targets, method)``;
+* a projection step is all or nothing (validate and compute everything, then write), and
+  ``constrain()`` projects into the ball once at registration (``initial_projection``).
 """
 
 from __future__ import annotations

@@ -147,6 +147,9 @@ class SoftCap(_Polynomial):
     RMS→RMS units) for any other optimizer. ``sensitive_to_wmax=True``: the soft cap runs on
     ``W/(s·w_max)`` and the result is multiplied by ``s·w_max`` (an explicit ``alpha`` is then in
     units of w_max); ``False``: on ``W/s``. With the coupling both give the same result.
+    With the coupling, a spectrum beyond the coupling's ``k`` (a start outside the ball, an update
+    larger than its bound) is scaled to ``k`` first, where ``f(k) = w_max``; with an explicit
+    ``alpha`` the polynomial's own range guard applies (:func:`fx_spectral.constraints.soft_cap`).
     """
 
     name: ClassVar[str] = "soft_cap"
