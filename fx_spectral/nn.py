@@ -285,13 +285,7 @@ def _op_over_sigma(module: nn.Module, input: Tensor, conv_args: tuple | None) ->
     weight = module.weight
     needs_grad = torch.is_grad_enabled() and (weight.requires_grad or input.requires_grad)
     u, v, sigma = _estimate_sigma(
-        weight,
-        module.weight_u,
-        module.weight_v,
-        cfg.dim,
-        cfg.n_power_iterations,
-        cfg.eps,
-        module.training,
+        weight, module.weight_u, module.weight_v, cfg.dim, cfg.n_power_iterations, cfg.eps, module.training,
         needs_grad,
     )
     return _OpOverSigma.apply(input, weight, module.bias, u, v, sigma, cfg.dim, conv_args)
@@ -308,11 +302,7 @@ def _conv_out_numel(module: nn.Module, input: Tensor, transposed: bool, output_p
     numel = module.out_channels * (input.shape[0] if input.dim() == n + 2 else 1)
     for i in range(n):
         length, k, s, p, d = (
-            input.shape[-n + i],
-            module.kernel_size[i],
-            module.stride[i],
-            module.padding[i],
-            module.dilation[i],
+            input.shape[-n + i], module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
         )
         if transposed:
             numel *= (length - 1) * s - 2 * p + d * (k - 1) + output_padding[i] + 1
@@ -347,14 +337,8 @@ def _conv_transpose_forward(self, input: Tensor, output_size: list[int] | None =
         conv_args = (self.stride, self.padding, self.dilation, True, tuple(output_padding), self.groups)
         return _op_over_sigma(self, input, conv_args)
     return _CONV_T_FN[n](
-        input,
-        _sn_weight(self, "weight"),
-        self.bias,
-        self.stride,
-        self.padding,
-        output_padding,
-        self.groups,
-        self.dilation,
+        input, _sn_weight(self, "weight"), self.bias, self.stride, self.padding,
+        output_padding, self.groups, self.dilation,
     )
 
 
@@ -535,10 +519,7 @@ def _apply(self, fn, recurse=True):
 def _spectral_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
     """The cached subclass of ``base`` that normalizes ``names`` in forward."""
     ns: dict = {
-        "_sn_base": base,
-        "_sn_class_names": names,
-        "__reduce_ex__": _reduce_ex,
-        "_apply": _apply,
+        "_sn_base": base, "_sn_class_names": names, "__reduce_ex__": _reduce_ex, "_apply": _apply,
         "__module__": base.__module__,
     }
     fast = _fast_forward(base) if names == ("weight",) else None
@@ -738,12 +719,8 @@ def _normalized_now(module: nn.Module, name: str = "weight") -> Tensor:
     with torch.no_grad():
         cfg = module._sn_params[name]
         return normalize_weight(
-            module._parameters[name],
-            module._buffers[name + "_u"],
-            module._buffers[name + "_v"],
-            dim=cfg.dim,
-            eps=cfg.eps,
-            training=False,
+            module._parameters[name], module._buffers[name + "_u"], module._buffers[name + "_v"],
+            dim=cfg.dim, eps=cfg.eps, training=False,
         )
 
 

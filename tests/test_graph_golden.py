@@ -37,9 +37,7 @@ class TestGolden(TestCase):
 
     def test_linear(self):
         gm = transform(Net(nn.Linear(4, 3)))
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
@@ -64,14 +62,11 @@ def forward(self, x):
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer_bias = self.layer.bias
     layer = torch._C._nn.linear(x, layer_weight_normalized, layer_bias)
-    return layer""",
-        )
+    return layer""")
 
     def test_linear_eval(self):
         gm = transform(Net(nn.Linear(4, 3))).eval()
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
@@ -85,14 +80,11 @@ def forward(self, x):
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer_bias = self.layer.bias
     layer = torch._C._nn.linear(x, layer_weight_normalized, layer_bias)
-    return layer""",
-        )
+    return layer""")
 
     def test_conv2d(self):
         gm = transform(Net(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)))
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
@@ -117,14 +109,11 @@ def forward(self, x):
     layer_weight_sigma = layer_weight_uWv.clamp_min(1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer = torch.conv2d(x, layer_weight_normalized, None, (2, 2), (1, 1), (1, 1), 1)
-    return layer""",
-        )
+    return layer""")
 
     def test_conv_transpose2d_dim1(self):
         gm = transform(Net(nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)))
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
@@ -151,8 +140,7 @@ def forward(self, x):
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer_bias = self.layer.bias
     layer = torch.conv_transpose2d(x, layer_weight_normalized, layer_bias, (2, 2), (1, 1), (0, 0), 1, (1, 1))
-    return layer""",
-        )
+    return layer""")
 
     def test_functional_linear(self):
         class Functional(nn.Module):
@@ -164,9 +152,7 @@ def forward(self, x):
                 return F.linear(x, self.w).relu()
 
         gm = transform(Functional(), name="w")
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     w = self.w
     w_u = self.w_u
@@ -191,16 +177,13 @@ def forward(self, x):
     w_normalized = w / w_sigma
     linear = torch._C._nn.linear(x, w_normalized)
     relu = linear.relu()
-    return relu""",
-        )
+    return relu""")
 
     def test_exported_aten_graph(self):
         model = Net(nn.Linear(4, 3, bias=False))
         ep = torch.export.export(model, (torch.randn(2, 4),))
         gm = transform(ep.module())
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     x, = fx_pytree.tree_flatten_spec(([x], {}), self._in_spec)
     layer_weight = self.layer.weight
@@ -226,14 +209,11 @@ def forward(self, x):
     layer_weight_normalized = torch.ops.aten.div.Tensor(layer_weight, layer_weight_sigma)
     _guards_fn = self._guards_fn(x)
     linear = torch.ops.aten.linear.default(x, layer_weight_normalized)
-    return pytree.tree_unflatten((linear,), self._out_spec)""",
-        )
+    return pytree.tree_unflatten((linear,), self._out_spec)""")
 
     def test_bf16_weights(self):
         gm = transform(Net(nn.Linear(4, 3, bias=False).to(torch.bfloat16)))
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
@@ -259,8 +239,7 @@ def forward(self, x):
     layer_weight_normalized_f32 = layer_weight_f32 / layer_weight_sigma
     layer_weight_normalized = layer_weight_normalized_f32.to(torch.bfloat16)
     layer = torch._C._nn.linear(x, layer_weight_normalized, None)
-    return layer""",
-        )
+    return layer""")
 
     def test_shared_weight(self):
         class Tied(nn.Module):
@@ -272,9 +251,7 @@ def forward(self, x):
                 return F.linear(self.emb(x).tanh(), self.emb.weight)
 
         gm = transform(Tied())
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, x):
     emb_weight = self.emb.weight
     emb_weight_u = self.emb.weight_u
@@ -300,21 +277,17 @@ def forward(self, x):
     emb = torch._C._nn.linear(x, emb_weight_normalized, None)
     tanh = emb.tanh()
     linear = torch._C._nn.linear(tanh, emb_weight_normalized)
-    return linear""",
-        )
+    return linear""")
 
     def test_eager_normalized_module_untouched(self):
         model = nn.Sequential(fx_spectral.spectral_norm(nn.Linear(4, 3)), nn.ReLU())
         gm = transform(model)
-        self.assertExpectedInline(
-            code(gm.code),
-            """\
+        self.assertExpectedInline(code(gm.code), """\
 def forward(self, input):
     input_1 = input
     _0 = getattr(self, "0")(input_1)
     _1 = getattr(self, "1")(_0)
-    return _1""",
-        )
+    return _1""")
 
 
 if __name__ == "__main__":

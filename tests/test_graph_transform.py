@@ -440,7 +440,7 @@ def test_autocast_guard_keeps_the_estimate_in_float32():
     gm.register_buffer("weight_u", u.clone())
     gm.register_buffer("weight_v", v.clone())
     graph = gm.graph
-    ((w, uses),) = find_weight_uses(graph).items()
+    (w, uses), = find_weight_uses(graph).items()
     with graph.inserting_before(w.next):
         un, vn = graph.get_attr("weight_u"), graph.get_attr("weight_v")
     new = insert_normalization(

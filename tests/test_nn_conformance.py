@@ -117,15 +117,9 @@ def test_matches_torch_small_outputs_and_unbatched(factory, shape):
 
 def test_matches_torch_with_inplace_activations():
     """An in-place op on the output must not corrupt what backward saved."""
-    base = nn.Sequential(
-        nn.Linear(16, 32),
-        nn.ReLU(inplace=True),
-        nn.Linear(32, 8, bias=False),
-        nn.LeakyReLU(0.1, inplace=True),
-        nn.Unflatten(1, (8, 1)),
-        nn.Conv1d(8, 16, 1, bias=False),
-        nn.ReLU(inplace=True),
-    )
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 8, bias=False),
+                         nn.LeakyReLU(0.1, inplace=True), nn.Unflatten(1, (8, 1)),
+                         nn.Conv1d(8, 16, 1, bias=False), nn.ReLU(inplace=True))
     ref, ours = copy.deepcopy(base), copy.deepcopy(base)
     for i in (0, 2, 5):
         torch_spectral_norm(ref[i])
@@ -141,7 +135,9 @@ def test_matches_torch_with_inplace_activations():
         torch.testing.assert_close(ours[i].weight.grad, ref[i].parametrizations.weight.original.grad, **TOL)
 
 
-@pytest.mark.parametrize("factory,shape", [CASES[i][1:] for i in (0, 4, 10)], ids=[CASES[i][0] for i in (0, 4, 10)])
+@pytest.mark.parametrize(
+    "factory,shape", [CASES[i][1:] for i in (0, 4, 10)], ids=[CASES[i][0] for i in (0, 4, 10)]
+)
 def test_matches_torch_n_power_iterations_3(factory, shape):
     ref, ours = make_pair(factory, n_power_iterations=3)
     run_and_compare(ref, ours, shape)
@@ -235,9 +231,8 @@ def test_generic_modules_match_torch_bilinear_and_two_names():
         torch.testing.assert_close(yo, yr, atol=1e-5, rtol=1e-6)
         yr.sum().backward(), yo.sum().backward()
         for n in "ab":
-            torch.testing.assert_close(
-                getattr(ours, n).grad, getattr(ref.parametrizations, n).original.grad, atol=1e-5, rtol=1e-6
-            )
+            torch.testing.assert_close(getattr(ours, n).grad, getattr(ref.parametrizations, n).original.grad,
+                                       atol=1e-5, rtol=1e-6)
             torch.testing.assert_close(getattr(ours, n + "_u"), torch_uv(ref, n)[0], **TOL)
 
 
@@ -283,9 +278,8 @@ def test_sigma_matches_matrix_norm_after_convergence(factory, shape):
     torch.testing.assert_close(sigma.double(), exact, rtol=1e-4, atol=0)
     # the normalized weight then has spectral norm 1
     m.eval()
-    w_bar = fx_spectral.nn.normalize_weight(
-        m.weight, m.weight_u, m.weight_v, dim=m._sn_params["weight"].dim, training=False
-    )
+    w_bar = fx_spectral.nn.normalize_weight(m.weight, m.weight_u, m.weight_v,
+                                            dim=m._sn_params["weight"].dim, training=False)
     got = torch.linalg.matrix_norm(weight_matrix(w_bar.detach().double(), m._sn_params["weight"].dim), ord=2)
     torch.testing.assert_close(got, torch.ones((), dtype=torch.float64), rtol=1e-4, atol=0)
 
@@ -307,14 +301,8 @@ def test_sigma_tracks_weight_updates():
 
 def _gan_discriminators():
     mlp = nn.Sequential(nn.Linear(16, 32), nn.LeakyReLU(0.2), nn.Linear(32, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
-    conv = nn.Sequential(
-        nn.Conv2d(3, 16, 3, stride=2, padding=1),
-        nn.LeakyReLU(0.2),
-        nn.Conv2d(16, 32, 3),
-        nn.LeakyReLU(0.2),
-        nn.Flatten(),
-        nn.Linear(32 * 2 * 2, 1),
-    )
+    conv = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(16, 32, 3),
+                         nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(32 * 2 * 2, 1))
     return [("mlp", mlp, (4, 16)), ("conv", conv, (2, 3, 8, 8))]
 
 
@@ -338,27 +326,19 @@ def test_gradient_penalty_matches_torch(which):
             (g,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
             loss = out.mean() + 10 * g.square().sum(dim=tuple(range(1, g.dim()))).mean()
             loss.backward()
-            grads.append(
-                [
-                    (m.parametrizations.weight.original if m is ref[i] else m.weight).grad.clone()
-                    for i, m in ((i, model[i]) for i in layers)
-                ]
-            )
+            grads.append([(m.parametrizations.weight.original if m is ref[i] else m.weight).grad.clone()
+                          for i, m in ((i, model[i]) for i in layers)])
             model.zero_grad()
         for g_ref, g_ours in zip(*grads):
             torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "factory,shape",
-    [
-        (lambda: nn.Linear(16, 8), (2, 16)),  # output smaller than the weight
-        (lambda: nn.Linear(4, 8), (64, 4)),  # output larger than the weight
-        (lambda: nn.Conv2d(8, 16, 3), (1, 8, 4, 4)),
-        (lambda: nn.ConvTranspose1d(4, 4, 3, stride=2), (8, 4, 16)),
-    ],
-    ids=["linear_small_out", "linear_big_out", "conv2d", "convT1d"],
-)
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(16, 8), (2, 16)),  # output smaller than the weight
+    (lambda: nn.Linear(4, 8), (64, 4)),  # output larger than the weight
+    (lambda: nn.Conv2d(8, 16, 3), (1, 8, 4, 4)),
+    (lambda: nn.ConvTranspose1d(4, 4, 3, stride=2), (8, 4, 16)),
+], ids=["linear_small_out", "linear_big_out", "conv2d", "convT1d"])
 def test_hessian_vector_product_wrt_weight_matches_torch(factory, shape):
     """Double backward w.r.t. the weight (create_graph=True, then backward again)."""
     ref, ours = make_pair(factory)
@@ -379,9 +359,8 @@ def test_hessian_vector_product_wrt_weight_matches_torch(factory, shape):
 def test_frozen_discriminator_and_no_grad_training_forwards_match_torch():
     """Training G through a frozen D (grad w.r.t. the input only); D forwards under no_grad /
     inference_mode in training mode still update u/v, as torch's do."""
-    base = nn.Sequential(
-        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.Flatten(), nn.Linear(32 * 2 * 2, 1)
-    )
+    base = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.Flatten(),
+                         nn.Linear(32 * 2 * 2, 1))
     ref, ours = copy.deepcopy(base), copy.deepcopy(base)
     for i in (0, 2, 4):
         torch_spectral_norm(ref[i])
@@ -403,24 +382,16 @@ def test_frozen_discriminator_and_no_grad_training_forwards_match_torch():
             torch.testing.assert_close(ours[i].weight_u, torch_uv(ref[i])[0], **TOL)
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["convT_output_size", "linear_empty_batch", "conv_empty_batch", "conv_channels_last", "linear_noncontiguous"],
-)
+@pytest.mark.parametrize("case", ["convT_output_size", "linear_empty_batch", "conv_empty_batch",
+                                  "conv_channels_last", "linear_noncontiguous"])
 def test_matches_torch_edge_inputs(case):
     factory, x, kwargs = {
-        "convT_output_size": (
-            lambda: nn.ConvTranspose2d(16, 8, 3, stride=2),
-            torch.randn(1, 16, 2, 2),
-            dict(output_size=[6, 6]),
-        ),
+        "convT_output_size": (lambda: nn.ConvTranspose2d(16, 8, 3, stride=2), torch.randn(1, 16, 2, 2),
+                              dict(output_size=[6, 6])),
         "linear_empty_batch": (lambda: nn.Linear(8, 4), torch.randn(0, 8), {}),
         "conv_empty_batch": (lambda: nn.Conv2d(8, 16, 3), torch.randn(0, 8, 4, 4), {}),
-        "conv_channels_last": (
-            lambda: nn.Conv2d(8, 16, 3),
-            torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last),
-            {},
-        ),
+        "conv_channels_last": (lambda: nn.Conv2d(8, 16, 3),
+                               torch.randn(1, 8, 4, 4).to(memory_format=torch.channels_last), {}),
         "linear_noncontiguous": (lambda: nn.Linear(8, 16), torch.randn(8, 3).t(), {}),
     }[case]
     ref, ours = make_pair(factory)

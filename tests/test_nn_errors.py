@@ -40,69 +40,57 @@ def expect_error(module, exc, *fragments, fn=spectral_norm, snapshot_pair=None, 
     return msg
 
 
-@pytest.mark.parametrize(
-    "name,exc,what",
-    [
-        ("wieght", ValueError, "no parameter"),
-        ("ints", TypeError, "torch.int64"),
-        ("cplx", TypeError, "torch.complex64"),
-        ("vec", ValueError, "(3,)"),
-        ("buf", ValueError, "no parameter"),
-    ],
-)
+@pytest.mark.parametrize("name,exc,what", [
+    ("wieght", ValueError, "no parameter"),
+    ("ints", TypeError, "torch.int64"),
+    ("cplx", TypeError, "torch.complex64"),
+    ("vec", ValueError, "(3,)"),
+    ("buf", ValueError, "no parameter"),
+])
 def test_bad_parameter(module_snapshot, name, exc, what):
     msg = expect_error(Custom(), exc, "Custom", repr(name), what, name=name, snapshot_pair=module_snapshot)
     assert len(msg) > 40
 
 
-@pytest.mark.parametrize(
-    "factory,name",
-    [
-        (lambda: nn.Linear(3, 4), "bias"),
-        (lambda: nn.Conv2d(3, 4, 3), "bias"),
-        (lambda: nn.LayerNorm(4), "weight"),
-        (lambda: nn.Embedding(5, 3), "wieght"),
-    ],
-)
+@pytest.mark.parametrize("factory,name", [
+    (lambda: nn.Linear(3, 4), "bias"),
+    (lambda: nn.Conv2d(3, 4, 3), "bias"),
+    (lambda: nn.LayerNorm(4), "weight"),
+    (lambda: nn.Embedding(5, 3), "wieght"),
+])
 def test_bad_parameter_builtin_modules(module_snapshot, factory, name):
     m = factory()
     expect_error(m, ValueError, type(m).__name__, repr(name), name=name, snapshot_pair=module_snapshot)
 
 
-@pytest.mark.parametrize(
-    "factory,dim",
-    [
-        (lambda: nn.Linear(3, 4), 2),
-        (lambda: nn.Linear(3, 4), -3),
-        (lambda: nn.Conv2d(3, 4, 3), 4),
-        (lambda: nn.ConvTranspose3d(3, 4, 3), -6),
-        (lambda: nn.LazyConv1d(4, 3), 3),
-        (lambda: nn.LazyLinear(4), 2),
-    ],
-)
+@pytest.mark.parametrize("factory,dim", [
+    (lambda: nn.Linear(3, 4), 2),
+    (lambda: nn.Linear(3, 4), -3),
+    (lambda: nn.Conv2d(3, 4, 3), 4),
+    (lambda: nn.ConvTranspose3d(3, 4, 3), -6),
+    (lambda: nn.LazyConv1d(4, 3), 3),
+    (lambda: nn.LazyLinear(4), 2),
+])
 def test_dim_out_of_range(module_snapshot, factory, dim):
     m = factory()
     msg = expect_error(m, ValueError, type(m).__name__, "'weight'", str(dim), dim=dim, snapshot_pair=module_snapshot)
     assert "range" in msg
 
 
-@pytest.mark.parametrize(
-    "kwargs,exc,fragment",
-    [
-        (dict(n_power_iterations=0), ValueError, "n_power_iterations"),
-        (dict(n_power_iterations=-2), ValueError, "-2"),
-        (dict(n_power_iterations=1.5), TypeError, "1.5"),
-        (dict(n_power_iterations=True), TypeError, "n_power_iterations"),
-        (dict(eps=0.0), ValueError, "eps"),
-        (dict(eps=-1e-3), ValueError, "-0.001"),
-        (dict(eps=float("nan")), ValueError, "nan"),
-        (dict(eps="1e-12"), TypeError, "eps"),
-        (dict(dim=1.0), TypeError, "dim"),
-        (dict(name=3), TypeError, "3"),
-        (dict(name=("weight", "weight")), ValueError, "twice"),
-        (dict(name=()), TypeError, "name"),
-    ],
-)
+@pytest.mark.parametrize("kwargs,exc,fragment", [
+    (dict(n_power_iterations=0), ValueError, "n_power_iterations"),
+    (dict(n_power_iterations=-2), ValueError, "-2"),
+    (dict(n_power_iterations=1.5), TypeError, "1.5"),
+    (dict(n_power_iterations=True), TypeError, "n_power_iterations"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(eps=-1e-3), ValueError, "-0.001"),
+    (dict(eps=float("nan")), ValueError, "nan"),
+    (dict(eps="1e-12"), TypeError, "eps"),
+    (dict(dim=1.0), TypeError, "dim"),
+    (dict(name=3), TypeError, "3"),
+    (dict(name=("weight", "weight")), ValueError, "twice"),
+    (dict(name=()), TypeError, "name"),
+])
 def test_bad_options(module_snapshot, kwargs, exc, fragment):
     expect_error(nn.Linear(3, 4), exc, "Linear", fragment, snapshot_pair=module_snapshot, **kwargs)
 
@@ -162,9 +150,8 @@ def test_apply_bad_module_midway_changes_nothing(module_snapshot):
     model = _model()
     # an integer weight in the middle of the model: the earlier Linear/Conv1d must stay untouched
     model[2]["head"].weight = nn.Parameter(torch.ones(3, 8, dtype=torch.int32), requires_grad=False)
-    msg = expect_error(
-        model, TypeError, "2.head.weight", "torch.int32", fn=apply_spectral_norm, snapshot_pair=module_snapshot
-    )
+    msg = expect_error(model, TypeError, "2.head.weight", "torch.int32", fn=apply_spectral_norm,
+                       snapshot_pair=module_snapshot)
     assert "'weight'" in msg
     assert not any(fx_spectral.is_spectral_normalized(m) for m in model.modules())
 
@@ -178,37 +165,19 @@ def test_apply_torch_parametrized_module_midway(module_snapshot):
 def test_apply_bad_name_tuple_midway(module_snapshot):
     model = _model()
     # every module has a 1-D bias; the Lazy one cannot defer a bias: fails on the first module
-    expect_error(
-        model,
-        ValueError,
-        "0.bias",
-        "(8,)",
-        fn=apply_spectral_norm,
-        name=("weight", "bias"),
-        snapshot_pair=module_snapshot,
-    )
+    expect_error(model, ValueError, "0.bias", "(8,)", fn=apply_spectral_norm, name=("weight", "bias"),
+                 snapshot_pair=module_snapshot)
     # filter to reach the Lazy module only after a valid one
-    expect_error(
-        model,
-        ValueError,
-        "3.bias",
-        "uninitialized",
-        fn=apply_spectral_norm,
-        name=("weight", "bias"),
-        filter_fn=lambda m, fqn: fqn == "3",
-        snapshot_pair=module_snapshot,
-    )
+    expect_error(model, ValueError, "3.bias", "uninitialized", fn=apply_spectral_norm, name=("weight", "bias"),
+                 filter_fn=lambda m, fqn: fqn == "3", snapshot_pair=module_snapshot)
 
 
-@pytest.mark.parametrize(
-    "kwargs,exc",
-    [
-        (dict(n_power_iterations=0), ValueError),
-        (dict(eps=0), ValueError),
-        (dict(eps=None), TypeError),
-        (dict(name=None), TypeError),
-    ],
-)
+@pytest.mark.parametrize("kwargs,exc", [
+    (dict(n_power_iterations=0), ValueError),
+    (dict(eps=0), ValueError),
+    (dict(eps=None), TypeError),
+    (dict(name=None), TypeError),
+])
 def test_apply_bad_options(module_snapshot, kwargs, exc):
     expect_error(_model(), exc, "apply_spectral_norm", fn=apply_spectral_norm, snapshot_pair=module_snapshot, **kwargs)
 
@@ -226,13 +195,11 @@ def test_apply_partially_normalized_model_then_bad_option_keeps_earlier_state(mo
 
 def test_remove_not_normalized(module_snapshot):
     m = nn.Linear(3, 4)
-    expect_error(
-        m, ValueError, "'weight'", "not spectral-normalized", fn=remove_spectral_norm, snapshot_pair=module_snapshot
-    )
+    expect_error(m, ValueError, "'weight'", "not spectral-normalized", fn=remove_spectral_norm,
+                 snapshot_pair=module_snapshot)
     spectral_norm(m)
-    expect_error(
-        m, ValueError, "'bias'", fn=remove_spectral_norm, name=("weight", "bias"), snapshot_pair=module_snapshot
-    )
+    expect_error(m, ValueError, "'bias'", fn=remove_spectral_norm, name=("weight", "bias"),
+                 snapshot_pair=module_snapshot)
     assert fx_spectral.is_spectral_normalized(m)
 
 

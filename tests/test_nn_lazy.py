@@ -19,26 +19,14 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 # (id, lazy factory, eager twin factory, input shape)
 CASES = [
     ("linear", lambda: nn.LazyLinear(5), lambda: nn.Linear(7, 5), (3, 7)),
-    (
-        "conv1d",
-        lambda: nn.LazyConv1d(6, 3, stride=2, groups=2),
-        lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2),
-        (2, 4, 9),
-    ),
+    ("conv1d", lambda: nn.LazyConv1d(6, 3, stride=2, groups=2),
+     lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2), (2, 4, 9)),
     ("conv2d", lambda: nn.LazyConv2d(4, 3, padding=1), lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),
     ("conv3d", lambda: nn.LazyConv3d(3, 2, bias=False), lambda: nn.Conv3d(2, 3, 2, bias=False), (1, 2, 4, 4, 4)),
-    (
-        "convT1d",
-        lambda: nn.LazyConvTranspose1d(3, 3, stride=2),
-        lambda: nn.ConvTranspose1d(4, 3, 3, stride=2),
-        (2, 4, 5),
-    ),
-    (
-        "convT2d",
-        lambda: nn.LazyConvTranspose2d(6, 3, groups=2, stride=2),
-        lambda: nn.ConvTranspose2d(4, 6, 3, groups=2, stride=2),
-        (2, 4, 4, 4),
-    ),
+    ("convT1d", lambda: nn.LazyConvTranspose1d(3, 3, stride=2),
+     lambda: nn.ConvTranspose1d(4, 3, 3, stride=2), (2, 4, 5)),
+    ("convT2d", lambda: nn.LazyConvTranspose2d(6, 3, groups=2, stride=2),
+     lambda: nn.ConvTranspose2d(4, 6, 3, groups=2, stride=2), (2, 4, 4, 4)),
     ("convT3d", lambda: nn.LazyConvTranspose3d(2, 2), lambda: nn.ConvTranspose3d(3, 2, 2), (1, 3, 3, 3, 3)),
 ]
 IDS = [c[0] for c in CASES]
@@ -109,19 +97,14 @@ def test_lazy_uv_initialized_from_materialized_weight(lazy, eager, shape):
     lz(torch.randn(shape))
     dim = lz._sn_params["weight"].dim
     w_mat = weight_matrix(lz.weight.detach().double(), dim)
-    torch.testing.assert_close(
-        fx_spectral.spectral_sigma(lz).double(), torch.linalg.matrix_norm(w_mat, ord=2), rtol=1e-4, atol=0
-    )
+    torch.testing.assert_close(fx_spectral.spectral_sigma(lz).double(), torch.linalg.matrix_norm(w_mat, ord=2),
+                               rtol=1e-4, atol=0)
 
 
 def _lazy_model():
     return nn.Sequential(
-        nn.LazyConv2d(4, 3, stride=2),
-        nn.ReLU(),
-        nn.LazyConvTranspose2d(3, 2),
-        nn.Flatten(),
-        nn.LayerNorm(48),
-        nn.LazyLinear(6),
+        nn.LazyConv2d(4, 3, stride=2), nn.ReLU(), nn.LazyConvTranspose2d(3, 2), nn.Flatten(),
+        nn.LayerNorm(48), nn.LazyLinear(6),
     )
 
 
@@ -132,20 +115,8 @@ def test_apply_spectral_norm_on_never_run_model():
     assert not fx_spectral.is_spectral_normalized(model[4])
     keys_before = list(model.state_dict())
     assert keys_before == [
-        "0.weight",
-        "0.bias",
-        "0.weight_u",
-        "0.weight_v",
-        "2.weight",
-        "2.bias",
-        "2.weight_u",
-        "2.weight_v",
-        "4.weight",
-        "4.bias",
-        "5.weight",
-        "5.bias",
-        "5.weight_u",
-        "5.weight_v",
+        "0.weight", "0.bias", "0.weight_u", "0.weight_v", "2.weight", "2.bias", "2.weight_u", "2.weight_v",
+        "4.weight", "4.bias", "5.weight", "5.bias", "5.weight_u", "5.weight_v",
     ]
     x = torch.randn(2, 3, 8, 8)
     y = model(x)

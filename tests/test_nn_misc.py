@@ -24,9 +24,8 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 
 
 def _net():
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(), nn.Linear(2 * 5 * 5, 5)
-    )
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2), nn.Flatten(),
+                         nn.Linear(2 * 5 * 5, 5))
 
 
 def _trained(steps=2):
@@ -107,13 +106,7 @@ def test_state_dict_round_trip_strict():
     assert not missing.missing_keys and not missing.unexpected_keys
     _same_behaviour(src, dst)
     assert [k for k in src.state_dict() if k.endswith(("_u", "_v"))] == [
-        "0.weight_u",
-        "0.weight_v",
-        "2.weight_u",
-        "2.weight_v",
-        "4.weight_u",
-        "4.weight_v",
-    ]
+        "0.weight_u", "0.weight_v", "2.weight_u", "2.weight_v", "4.weight_u", "4.weight_v"]
     # a plain model refuses the extra u/v in strict mode, accepts the weights otherwise
     plain = _net()
     with pytest.raises(RuntimeError, match="weight_u"):
@@ -169,9 +162,8 @@ def test_forward_updates_once_per_training_forward():
 
 
 def test_compile_zero_graph_breaks():
-    model = nn.Sequential(
-        nn.Conv1d(2, 3, 3), nn.ReLU(), nn.ConvTranspose1d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(2 * 8, 3)
-    )
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.ConvTranspose1d(3, 2, 2, stride=2), nn.Flatten(),
+                          nn.Linear(2 * 8, 3))
     apply_spectral_norm(model)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(torch.randn(2, 2, 6))
@@ -220,15 +212,11 @@ def test_compile_default_backend_matches_eager_without_recompiles():
 # ---------------------------------------------------------------------------- remove_spectral_norm
 
 
-@pytest.mark.parametrize(
-    "factory,shape",
-    [
-        (lambda: nn.Linear(5, 4), (2, 5)),
-        (lambda: nn.ConvTranspose2d(3, 4, 3, groups=1), (1, 3, 4, 4)),
-        (lambda: nn.Bilinear(3, 2, 4), None),
-    ],
-    ids=["linear", "convT2d", "bilinear"],
-)
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(5, 4), (2, 5)),
+    (lambda: nn.ConvTranspose2d(3, 4, 3, groups=1), (1, 3, 4, 4)),
+    (lambda: nn.Bilinear(3, 2, 4), None),
+], ids=["linear", "convT2d", "bilinear"])
 def test_remove_bake(factory, shape):
     m = spectral_norm(factory())
     base = type(m)._sn_base
@@ -359,14 +347,10 @@ def test_apply_custom_linear_subclass_uses_generic_path():
 # ---------------------------------------------------------------------------- zero weights
 
 
-@pytest.mark.parametrize(
-    "factory,shape",
-    [
-        (lambda: nn.Linear(6, 4), (3, 6)),
-        (lambda: nn.ConvTranspose1d(3, 2, 3), (2, 3, 5)),
-    ],
-    ids=["linear", "convT1d"],
-)
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(6, 4), (3, 6)),
+    (lambda: nn.ConvTranspose1d(3, 2, 3), (2, 3, 5)),
+], ids=["linear", "convT1d"])
 def test_zero_weight_gives_zeros_then_recovers(factory, shape):
     m = factory()
     with torch.no_grad():
@@ -431,13 +415,8 @@ def test_generic_module_forward_serves_normalized_weight_only_inside_forward():
 
 
 def test_package_root_exports():
-    for name in (
-        "spectral_norm",
-        "remove_spectral_norm",
-        "apply_spectral_norm",
-        "is_spectral_normalized",
-        "spectral_sigma",
-    ):
+    for name in ("spectral_norm", "remove_spectral_norm", "apply_spectral_norm", "is_spectral_normalized",
+                 "spectral_sigma"):
         assert getattr(fx_spectral, name) is getattr(fx_spectral.nn, name)
 
 
@@ -448,7 +427,8 @@ def test_torch_func_transforms_match_torch():
     """jacrev / vmap (local Lipschitz estimates) and func.grad over functional_call, train and eval."""
     from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
-    base = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4), nn.Unflatten(-1, (4, 1)), nn.Conv1d(4, 8, 1))
+    base = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4), nn.Unflatten(-1, (4, 1)),
+                         nn.Conv1d(4, 8, 1))
     ref, ours = copy.deepcopy(base), copy.deepcopy(base)
     for i in (0, 2, 4):
         torch_spectral_norm(ref[i])
@@ -460,19 +440,15 @@ def test_torch_func_transforms_match_torch():
     for mode in ("train", "eval"):
         ref.train(mode == "train"), ours.train(mode == "train")
         torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(ref)(x), **TOL)
-        torch.testing.assert_close(
-            torch.func.vmap(torch.func.jacrev(ours))(xs), torch.func.vmap(torch.func.jacrev(ref))(xs), **TOL
-        )
+        torch.testing.assert_close(torch.func.vmap(torch.func.jacrev(ours))(xs),
+                                   torch.func.vmap(torch.func.jacrev(ref))(xs), **TOL)
         g_ref = torch.func.grad(lambda p: torch.func.functional_call(ref, p, (xs,)).square().sum())(
-            dict(ref.named_parameters())
-        )
+            dict(ref.named_parameters()))
         g_ours = torch.func.grad(lambda p: torch.func.functional_call(ours, p, (xs,)).square().sum())(
-            dict(ours.named_parameters())
-        )
+            dict(ours.named_parameters()))
         for i in (0, 2, 4):
-            torch.testing.assert_close(
-                g_ours[f"{i}.weight"], g_ref[f"{i}.parametrizations.weight.original"], atol=1e-5, rtol=1e-5
-            )
+            torch.testing.assert_close(g_ours[f"{i}.weight"], g_ref[f"{i}.parametrizations.weight.original"],
+                                       atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ours[i].weight_u, ref[i].parametrizations.weight[0]._u, **TOL)
 
 
@@ -485,11 +461,8 @@ def test_torch_checkpoint_converts_by_renaming_keys():
         torch_spectral_norm(src[i])
     for _ in range(2):
         src(torch.randn(2, 3, 9, 9))
-    renames = {
-        "parametrizations.weight.original": "weight",
-        "parametrizations.weight.0._u": "weight_u",
-        "parametrizations.weight.0._v": "weight_v",
-    }
+    renames = {"parametrizations.weight.original": "weight", "parametrizations.weight.0._u": "weight_u",
+               "parametrizations.weight.0._v": "weight_v"}
     sd = {}
     for k, v in src.state_dict().items():
         for old, new in renames.items():

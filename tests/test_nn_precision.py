@@ -118,12 +118,8 @@ def test_gradcheck_normalize_weight_float64(shape, dim):
     torch.manual_seed(1)
     w = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     w_mat = weight_matrix(w.detach(), dim % len(shape))
-    u, v = ref_power_iteration(
-        w_mat,
-        F.normalize(torch.randn(w_mat.shape[0], dtype=torch.float64), dim=0),
-        F.normalize(torch.randn(w_mat.shape[1], dtype=torch.float64), dim=0),
-        30,
-    )
+    u, v = ref_power_iteration(w_mat, F.normalize(torch.randn(w_mat.shape[0], dtype=torch.float64), dim=0),
+                               F.normalize(torch.randn(w_mat.shape[1], dtype=torch.float64), dim=0), 30)
     # u/v are float32 buffers: held fixed (training=False)
     u32, v32 = u.float(), v.float()
     fn = lambda w: normalize_weight(w, u32, v32, dim=dim % len(shape), training=False)  # noqa: E731
@@ -139,15 +135,11 @@ def test_gradcheck_normalize_weight_float64(shape, dim):
     torch.testing.assert_close(grad, w2.grad, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize(
-    "factory,shape",
-    [
-        (lambda: nn.Linear(4, 3), (2, 4)),
-        (lambda: nn.Conv1d(2, 4, 3, groups=2, stride=2), (1, 2, 7)),
-        (lambda: nn.ConvTranspose2d(2, 3, 2, stride=2), (1, 2, 2, 2)),
-    ],
-    ids=["linear", "conv1d", "convT2d"],
-)
+@pytest.mark.parametrize("factory,shape", [
+    (lambda: nn.Linear(4, 3), (2, 4)),
+    (lambda: nn.Conv1d(2, 4, 3, groups=2, stride=2), (1, 2, 7)),
+    (lambda: nn.ConvTranspose2d(2, 3, 2, stride=2), (1, 2, 2, 2)),
+], ids=["linear", "conv1d", "convT2d"])
 def test_gradcheck_module_forward_eval_float64(factory, shape):
     m = spectral_norm(factory()).double()
     assert m.weight_u.dtype == torch.float32

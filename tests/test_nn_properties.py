@@ -14,12 +14,8 @@ from fx_spectral.nn import normalize_weight, spectral_norm, spectral_sigma, weig
 
 KINDS = {
     "linear": (nn.Linear, 0),
-    "conv1d": (nn.Conv1d, 1),
-    "conv2d": (nn.Conv2d, 2),
-    "conv3d": (nn.Conv3d, 3),
-    "convT1d": (nn.ConvTranspose1d, 1),
-    "convT2d": (nn.ConvTranspose2d, 2),
-    "convT3d": (nn.ConvTranspose3d, 3),
+    "conv1d": (nn.Conv1d, 1), "conv2d": (nn.Conv2d, 2), "conv3d": (nn.Conv3d, 3),
+    "convT1d": (nn.ConvTranspose1d, 1), "convT2d": (nn.ConvTranspose2d, 2), "convT3d": (nn.ConvTranspose3d, 3),
 }
 
 

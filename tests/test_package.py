@@ -10,15 +10,8 @@ import fx_spectral
 
 PUBLIC = ["spectral_norm", "remove_spectral_norm", "apply_spectral_norm", "transform", "bake", "backend", "constrain"]
 CONSTRAINT_OPS = [
-    "power_iterate",
-    "spectral_normalize",
-    "hard_cap",
-    "soft_cap",
-    "spectral_hammer",
-    "spectral_weight_decay",
-    "pure_svd",
-    "orthogonalize",
-    "soft_cap_coupling",
+    "power_iterate", "spectral_normalize", "hard_cap", "soft_cap", "spectral_hammer",
+    "spectral_weight_decay", "pure_svd", "orthogonalize", "soft_cap_coupling",
 ]
 
 

@@ -159,15 +159,8 @@ def run(
 
 
 def _run(
-    steps: int,
-    width: int,
-    depth: int,
-    lr: float,
-    batch_size: int,
-    logit_scale: float,
-    seed: int,
-    progress: bool,
-    out: TextIO,
+    steps: int, width: int, depth: int, lr: float, batch_size: int, logit_scale: float, seed: int,
+    progress: bool, out: TextIO,
 ) -> DemoResult:
     from tqdm.auto import tqdm
 
@@ -237,7 +230,10 @@ def _print_report(r: DemoResult, names: list[str], steps: int, out: TextIO) -> N
     p = lambda *a: print(*a, file=out)  # noqa: E731
     p(f"\nTwo spirals, MLP with {len(names)} Linear layers, {steps} Adam steps each ({r.seconds:.1f} s).")
     p("||W|| is the true spectral norm (torch.linalg.matrix_norm(ord=2)); sigma_hat is fx_spectral.spectral_sigma.\n")
-    head = f"{'layer':>5} | {'plain twin ||W||':^17} | {'spectral-normalized: before':^31} | {'after':^31}"
+    head = (
+        f"{'layer':>5} | {'plain twin ||W||':^17} | {'spectral-normalized: before':^31} | "
+        f"{'after':^31}"
+    )
     sub = (
         f"{'':>5} | {'before':>8} {'after':>8} | {'||W||':>9} {'sigma_hat':>10} {'||W/s_hat||':>11} | "
         f"{'||W||':>9} {'sigma_hat':>10} {'||W/s_hat||':>11}"

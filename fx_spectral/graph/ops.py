@@ -25,14 +25,7 @@ from torch.fx import Node
 from fx_spectral.nn import SUPPORTED_MODULES, default_dim
 
 __all__ = [
-    "WeightOp",
-    "WEIGHT_OPS",
-    "MODULE_TYPES",
-    "weight_op",
-    "weight_arg",
-    "weight_dim",
-    "is_aten_op",
-    "module_dim",
+    "WeightOp", "WEIGHT_OPS", "MODULE_TYPES", "weight_op", "weight_arg", "weight_dim", "is_aten_op", "module_dim",
 ]
 
 aten = torch.ops.aten

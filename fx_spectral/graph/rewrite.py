@@ -36,12 +36,8 @@ from torch.fx import Graph, Node
 from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS, is_aten_op, weight_arg, weight_dim, weight_op
 
 __all__ = [
-    "NORMALIZED_META",
-    "insert_normalization",
-    "find_weight_uses",
-    "rewrite_weight",
-    "lower_module_call",
-    "lowering_blocker",
+    "NORMALIZED_META", "insert_normalization", "find_weight_uses", "rewrite_weight",
+    "lower_module_call", "lowering_blocker",
 ]
 
 aten = torch.ops.aten
@@ -350,14 +346,7 @@ def rewrite_weight(
         if WEIGHT_OPS.get(op.target) is None or weight_arg(op) is not weight:
             raise ValueError(f"rewrite_weight: {op.format_node()} does not take {weight.name} as its weight")
     new = insert_normalization(
-        graph,
-        weight,
-        u,
-        v,
-        dim=dim,
-        n_power_iterations=n_power_iterations,
-        eps=eps,
-        training=training,
+        graph, weight, u, v, dim=dim, n_power_iterations=n_power_iterations, eps=eps, training=training,
         autocast_off=autocast_off,
     )
     for op in ops:

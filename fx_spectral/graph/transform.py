@@ -383,16 +383,8 @@ def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: Spec
             u = graph.get_attr(f"{w.target}_u")
             v = graph.get_attr(f"{w.target}_v")
         new = insert_normalization(
-            graph,
-            w,
-            u,
-            v,
-            dim=info.dim,
-            n_power_iterations=cfg.n_power_iterations,
-            eps=cfg.eps,
-            training=training,
-            weight_dtype=weight.dtype,
-            weight_ndim=weight.dim(),
+            graph, w, u, v, dim=info.dim, n_power_iterations=cfg.n_power_iterations, eps=cfg.eps,
+            training=training, weight_dtype=weight.dtype, weight_ndim=weight.dim(),
             autocast_off=_autocast_guard(weight.device.type),
         )
         for op, _ in uses:
@@ -521,3 +513,5 @@ def _install_owners(out: GraphModule, root: nn.Module, plan: tuple[_Weight, ...]
     for path in sorted({w.owner for w in plan if w.owner}, key=lambda p: p.count(".")):
         parent_path, _, child = path.rpartition(".")
         setattr(out.get_submodule(parent_path), child, root.get_submodule(path))
+
+
