@@ -3,7 +3,7 @@ r"""``constrain()``: project weights after every optimizer step (Lipschitz-trans
 .. math::
     W \leftarrow s\cdot\mathrm{project}(W / s), \qquad s = \sqrt{\mathrm{fan\_out}/\mathrm{fan\_in}}
 
-so every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/s`. The ops live in
+so every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/s` (arXiv 2507.13338). The ops live in
 :mod:`fx_spectral.constraints`; what one projection of one matrix does (the method configs,
 :func:`~fx_spectral.methods.project_matrix`, the soft cap's coupling to torch.optim.Muon) in
 :mod:`fx_spectral.methods`; this file is the machinery that selects weights, keeps persistent
@@ -14,13 +14,16 @@ Structure (so other pieces can hook in):
 * every per-weight projection goes through :func:`fx_spectral.methods.project_matrix`; the method
   configs are re-exported here (``from fx_spectral.constrain import SoftCap`` works);
 * :meth:`Constraint._project_all` holds the ONE DTensor dispatch point, which hands all sharded
-  parameters together to ``fx_spectral.distributed.project_dtensors_(handle, targets, method)``.
+  parameters together to ``fx_spectral.distributed.prepare_dtensors(handle, targets, method)``;
+* a projection step is all or nothing (validate and compute everything, then write), and
+  ``constrain()`` projects into the ball once at registration (``initial_projection``).
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -53,6 +56,7 @@ from fx_spectral.nn import SUPPORTED_MODULES, default_dim, weight_matrix
 __all__ = [  # the method configs are re-exported from fx_spectral.methods
     "constrain",
     "Constraint",
+    "ProjectionError",
     "SpectralNormalize",
     "HardCap",
     "SoftCap",
@@ -64,6 +68,43 @@ __all__ = [  # the method configs are re-exported from fx_spectral.methods
 ]
 
 HEAD_NAMES = frozenset({"lm_head", "head", "output"})
+
+
+def initial_projection_method(method: _Method) -> _Method | None:
+    """The exact projection into the ball that ``constrain(..., initial_projection=True)`` applies.
+
+    Rank-one methods (spectral normalize, hammer): ``W / max(1, σ₁/w_max)`` with the exact σ₁
+    (``SpectralNormalize(exact=True)``), which keeps the spectrum's shape (and its gap, which the
+    persistent power iteration needs); the others: the exact cap ``min(σᵢ, w_max)``
+    (``HardCap(exact=True)``); spectral weight decay has no cap: None.
+    """
+    if isinstance(method, SpectralWeightDecay):
+        return None
+    if isinstance(method, SpectralNormalize):
+        return SpectralNormalize(exact=True, dtype=method.dtype)
+    return HardCap(exact=True, dtype=method.dtype)
+
+
+class ProjectionError(RuntimeError):
+    """A projection could not be computed (e.g. a non-finite weight); no weight was written."""
+
+
+def projection_error(name: str, method: _Method, when: str, why: str) -> ProjectionError:
+    """The error for a projection that cannot be computed (shared with fx_spectral.distributed)."""
+    step = (
+        "The optimizer step itself already happened (every weight is as the optimizer left it, unprojected); "
+        if when == "after the optimizer step"
+        else "No weight was changed; "
+    )
+    return ProjectionError(
+        f"constrain: cannot project {name!r} {when} ({type(method).__name__}): {why}. {step}"
+        "fix the cause (e.g. a diverged loss or a too-large learning rate) before stepping again."
+    )
+
+
+# optimizer owning a parameter's state -> {id(param): the live handle projecting it}. Weak on
+# both sides: forgetting an optimizer or a handle never keeps it alive.
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,6 +276,9 @@ class Constraint:
         for mod_name, mod in act_modules:
             self._hooks.append(mod.register_forward_hook(functools.partial(self._record, mod_name)))
         self.tracks_activations = bool(act_modules)
+        me = weakref.ref(self)
+        for t in targets:  # NB: registers this handle as the one projecting t.param (see remove())
+            _ACTIVE.setdefault(t.optimizer, {})[id(t.param)] = me
 
     @property
     def names(self) -> list[str]:
@@ -282,30 +326,59 @@ class Constraint:
     # --- projection ----------------------------------------------------------------------------
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        self._project_all(self.method, only_stepped=True)
+        self._project_all(self.method, only_stepped=True, when="after the optimizer step")
 
     @torch.no_grad()
-    def _project_all(self, method: _Method, only_stepped: bool) -> None:
-        sharded = []
+    def _project_all(
+        self, method: _Method, only_stepped: bool, when: str = "in project()", store_vectors: bool = True
+    ) -> None:
+        """Project every (stepped) target, all or nothing.
+
+        Three phases: (1) every input matrix is checked finite; (2) every new matrix is computed
+        (and checked finite), with the persistent vectors held back; (3) only then are weights and
+        vectors written. A failure in (1) or (2) raises :class:`ProjectionError` naming the weight,
+        with every weight as it was (as the optimizer left it, after a step). Memory: phase (2)
+        holds one new copy of the projected weights. DTensor weights follow the same phases in
+        :func:`fx_spectral.distributed.prepare_dtensors` (collectively: every rank raises the same error).
+        """
+        local, sharded = [], []
         for t in self._targets:
             if only_stepped and t.param.grad is None:
                 continue  # the optimizer did not update it this step
-            if _is_dtensor(t.param):
-                sharded.append(t)
-                continue
-            self._project_target(t, method)
+            (sharded if _is_dtensor(t.param) else local).append(t)
+        pieces = [(t, key, matrix, write_back) for t in local for key, matrix, write_back in _matrices(t, self._split)]
+        for t, key, matrix, _ in pieces:
+            if not bool(torch.isfinite(matrix).all()):
+                raise self._failure(t.name(key), when, "it holds NaN or inf")
+        writes: list[Callable[[], None]] = []
+        for t, key, matrix, write_back in pieces:
+            scale = _scale(matrix)
+            held: list[tuple[Tensor, Tensor]] = []
+            ctx = self._context(t, key, matrix, scale)
+            ctx.put_vectors = lambda u, v, held=held: held.append((u, v))  # written in phase (3)
+            try:
+                Y = project_matrix(matrix, method, ctx, scale=scale)
+            except (RuntimeError, ValueError) as e:  # e.g. torch.linalg.LinAlgError
+                raise self._failure(t.name(key), when, f"{type(e).__name__}: {e}") from e
+            if not bool(torch.isfinite(Y).all()):
+                raise self._failure(t.name(key), when, f"{type(method).__name__} gave a non-finite result")
+            writes.append(functools.partial(write_back, Y))
+            if held and store_vectors:
+                writes.append(functools.partial(self._put_vectors, t, key, *held[-1]))
         if sharded:
             # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed ----
             # All DTensor weights together: shared collectives, full-spectrum work spread over ranks.
             # Building blocks there: _matrices(target, handle._split) -> (key, matrix, write_back)
             # per piece; _scale(matrix); handle._context(target, key, matrix, scale) (w_max, Muon
             # coupling, persistent vectors); project_matrix(full_matrix, method, ctx, scale=...).
-            _distributed().project_dtensors_(self, sharded, method)
+            # It validates and computes (raising self._failure(...) on every rank alike) and
+            # returns its writes, so the whole step stays all or nothing.
+            writes.extend(_distributed().prepare_dtensors(self, sharded, method, when=when))
+        for write in writes:  # NB: phase (3): weights (in place) and persistent vectors
+            write()
 
-    def _project_target(self, t: _Target, method: _Method) -> None:
-        for key, matrix, write_back in _matrices(t, self._split):
-            scale = _scale(matrix)
-            write_back(project_matrix(matrix, method, self._context(t, key, matrix, scale), scale=scale))
+    def _failure(self, name: str, when: str, why: str) -> ProjectionError:
+        return projection_error(name, self.method, when, why)
 
     def project(self, method: str | _Method | None = None, **options) -> Constraint:
         """Project every selected weight now (e.g. once before training), with this handle's method
@@ -316,10 +389,16 @@ class Constraint:
         return self
 
     def remove(self) -> None:
-        """Stop projecting (and stop recording activations). Weights and stored vectors stay."""
+        """Stop projecting (and stop recording activations). Weights and stored vectors stay;
+        the weights may be constrained again (``constrain()`` refuses a weight that a live
+        handle already projects for the same optimizer)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for t in self._targets:
+            active = _ACTIVE.get(t.optimizer, {})
+            if active.get(id(t.param)) is not None and active[id(t.param)]() is self:
+                del active[id(t.param)]
 
     # --- metrics -------------------------------------------------------------------------------
 
@@ -390,6 +469,7 @@ def constrain(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     split: Callable[[str, Tensor], Mapping[str, Tensor] | None] | None = None,
     track_activations: bool | str | Iterable[str] = False,
+    initial_projection: bool = True,
     **options: Any,
 ) -> Constraint:
     r"""Project ``model``'s weights after every ``optimizer.step()`` to keep spectral norms ≤ ``w_max``.
@@ -398,7 +478,7 @@ def constrain(
 
     Registers ``optimizer.register_step_post_hook``; under no_grad, in place, each selected weight
     the optimizer updated in that step is projected in RMS→RMS units. Conv weights are matrices
-    ``(out, in/groups·k…)``, ConvTranspose ``(out/groups, in·k…)``.
+    ``(out, in/groups·k…)``, ConvTranspose ``(out/groups, in·k…)`` (as :mod:`fx_spectral.nn`).
 
     Args:
         model: the model whose parameters ``optimizer`` updates.
@@ -423,6 +503,16 @@ def constrain(
         track_activations: record the largest ``|output|`` of blocks for :meth:`Constraint.report`:
             True (each element of every ``nn.ModuleList``, else the owners of the selected
             weights) or glob patterns over module names.
+        initial_projection: project every selected weight into the ball once, now, with the
+            exact :func:`initial_projection_method` (the exact cap :math:`\min(\sigma_i, w_{max})`,
+            or for spectral normalize / hammer a rescale by the exact :math:`\sigma_1`; weights
+            already inside are left as they are), so the cap holds from step 0 whatever the
+            initialization (default True; ignored for ``spectral_weight_decay``, which has no cap). The soft cap's
+            guarantee is an invariant that needs it. ``False``: the weights stay as they are
+            until the first step (e.g. when resuming a run whose weights are already inside).
+
+    Zero-size weights (e.g. ``nn.Linear(0, 5)``) are skipped: an empty matrix has no singular
+    value, so there is nothing to cap (they do not appear in ``names`` or ``report()``).
 
     Returns:
         a :class:`Constraint` handle (``remove()``, ``report()``, ``project()``).
@@ -430,13 +520,16 @@ def constrain(
     Raises:
         ValueError / TypeError before anything is registered: unknown method or option,
         ``w_max <= 0``, a pattern that matches nothing, a selected weight that is not a matrix,
-        a soft cap without a way to get the max update norm, nothing selected.
+        a soft cap without a way to get the max update norm, nothing selected, a weight that a
+        live handle already constrains for the same optimizer (``handle.remove()`` it first: two
+        projections after each step would compose silently).
+        :class:`ProjectionError` from the initial projection (a non-finite weight); after a
+        step, from the projection (nothing is written then: all or nothing).
 
     Example::
 
         >>> muon = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
-        >>> handle = fx_spectral.constrain(model, muon, "soft_cap", w_max=1.0)
-        >>> handle.project("pure_svd")  # start inside the ball
+        >>> handle = fx_spectral.constrain(model, muon, "soft_cap", w_max=1.0)  # projects into the ball
         >>> ...; muon.step()             # weights are projected after every step
         >>> handle.report()["layers.0.mlp.up_proj.weight"]["sigma"]
     """
@@ -481,7 +574,16 @@ def constrain(
                 f"constrain: selected parameter {fqn!r} has shape {tuple(p.shape)}, not a matrix; "
                 "select weights only (e.g. include='*.weight' or exclude='*.bias')"
             )
+        if p.numel() == 0:
+            continue  # an empty matrix: nothing to cap (plain torch steps it as a no-op too)
         opt, group_index = in_optimizer[id(p)]
+        other = _ACTIVE.get(opt, {}).get(id(p))
+        if other is not None and other() is not None:
+            raise ValueError(
+                f"constrain: {fqn!r} is already constrained for this optimizer ({type(opt).__name__}) by "
+                f"{other()!r}; a second constrain() would project it twice after every step. Call "
+                "remove() on that handle first, or select disjoint weights (include=/exclude=)"
+            )
         t = _Target(fqn, module, p, default_dim(module), opt, group_index, {})
         group = t.group
         # A DTensor is split as a meta tensor of its global shape (views of shards are not needed here).
@@ -507,8 +609,8 @@ def constrain(
         targets.append(t)
     if not targets:
         raise ValueError(
-            "constrain: no weight selected (default: Linear/Conv weights the optimizer updates, no heads); "
-            "check include/exclude/filter_fn and that the optimizer holds the weights"
+            "constrain: no weight selected (default: Linear/Conv weights the optimizer updates, no heads; "
+            "zero-size weights are skipped); check include/exclude/filter_fn and that the optimizer holds the weights"
         )
     if isinstance(w_max, Mapping):
         names = [t.name(k) for t in targets for k in t.w_max]
@@ -518,8 +620,19 @@ def constrain(
     if any(_is_dtensor(t.param) for t in targets):
         _distributed()  # NotImplementedError before anything is registered, if unavailable
 
+    if not isinstance(initial_projection, bool):
+        raise TypeError(f"constrain: initial_projection must be True or False, got {initial_projection!r}")
     act_modules = _activation_modules(model, targets, track_activations)
-    return Constraint(model, optimizer, cfg, targets, split, act_modules)
+    handle = Constraint(model, optimizer, cfg, targets, split, act_modules)
+    first = initial_projection_method(cfg) if initial_projection else None
+    if first is not None:
+        try:  # NB: modifies the weights in place (all or nothing)
+            # (stored vectors, e.g. loaded with the optimizer state, are left as they are)
+            handle._project_all(first, only_stepped=False, when="in the initial projection", store_vectors=False)
+        except BaseException:
+            handle.remove()  # nothing stays registered when constrain() raises
+            raise
+    return handle
 
 
 def _activation_modules(model: nn.Module, targets: list[_Target], track) -> list[tuple[str, nn.Module]]:

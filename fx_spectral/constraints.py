@@ -49,7 +49,7 @@ __all__ = [
     "soft_cap_polynomial",
 ]
 
-#: The paper's four odd polynomial steps x ← x(a + b x² + c x⁴) approximating min(1, x).
+#: The paper's four odd polynomial steps x ← x(a + b x² + c x⁴) approximating min(1, x) (arXiv 2507.13338).
 HARD_CAP_COEFFICIENTS: tuple[tuple[float, float, float], ...] = (
     (0.805032, 0.206361, -0.019763),
     (0.649867, 0.162935, -0.011150),
@@ -139,9 +139,10 @@ def _odd_poly_(
     """
     shape = X.shape
     X, transposed = _wide(_flat3(X))
-    if normalize_frobenius:
-        norm = torch.linalg.matrix_norm(X, keepdim=True).clamp_min(1e-7)
-        X = X / norm
+    if normalize_frobenius:  # X / ||X||_F, safe for huge and tiny X (a zero matrix stays zero)
+        X = _peak_scaled(X)[0]
+        norm = torch.linalg.matrix_norm(X, keepdim=True)
+        X = X / torch.where(norm > 0, norm, torch.ones_like(norm))
     low = matmul_dtype is not None and matmul_dtype != X.dtype
     for a, b, c in coefficients:
         Xm = X.to(matmul_dtype) if low else X
@@ -165,8 +166,26 @@ def _outer(u: Tensor, v: Tensor) -> Tensor:
 
 def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> Tensor:
     # t / ||t|| per matrix, or the old vector where ||t|| <= eps (a zero weight never gives NaN).
-    norm = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-    return torch.where(norm > eps, t / norm.clamp_min(eps), old)
+    # The norm is taken of t / max|t|, so entries near the float range (|t|² overflowing) still
+    # normalize: ||t|| itself may be inf, which only matters for the comparison with eps.
+    peak = t.abs().amax(-1, keepdim=True)
+    unit = t / torch.where(peak > 0, peak, torch.ones_like(peak))
+    norm_unit = torch.linalg.vector_norm(unit, dim=-1, keepdim=True)
+    return torch.where(peak * norm_unit > eps, unit / norm_unit.clamp_min(1e-30), old)
+
+
+def _fro(X: Tensor) -> Tensor:
+    """Frobenius norm per matrix, ``(..., 1, 1)``, without overflow (entries near the float range)."""
+    peak = X.abs().amax((-2, -1), keepdim=True)
+    safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return torch.linalg.matrix_norm(X / safe, keepdim=True) * peak
+
+
+def _peak_scaled(X: Tensor) -> tuple[Tensor, Tensor]:
+    # (X / max|X|, max|X|) per matrix; a zero matrix keeps factor 1. Every entry of the first is in [-1, 1].
+    peak = X.abs().amax((-2, -1), keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return X / peak, peak
 
 
 def _mv(X: Tensor, v: Tensor) -> Tensor:
@@ -200,7 +219,7 @@ def power_iterate(
         u, v: starting vectors ``(..., m)`` / ``(..., n)`` (not modified). With only ``u``,
             ``v = normalize(Wᵀu)`` starts the iteration.
         eps: norms at or below ``eps`` keep the previous vector (a zero weight gives sigma 0).
-        dtype: compute dtype; default float32 for fp16/bf16 input (the package's precision rule),
+        dtype: compute dtype; default float32 for fp16/bf16 input (sigma is kept in float32 under low precision),
             else ``W.dtype``.
         generator: for the random start.
 
@@ -342,7 +361,12 @@ def spectral_weight_decay(
 
 
 def soft_cap(
-    W: Tensor, alpha: float, *, dtype: torch.dtype | None = None, matmul_dtype: torch.dtype | None = None
+    W: Tensor,
+    alpha: float,
+    *,
+    limit: float | None = None,
+    dtype: torch.dtype | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Soft cap: :math:`X \leftarrow X - \alpha X X^\top X`, then :math:`X \leftarrow X + \alpha X X^\top X`.
 
@@ -350,9 +374,18 @@ def soft_cap(
     - \alpha^4\sigma^9` (:func:`soft_cap_polynomial`); singular vectors are kept. Four matrix
     products on the smaller Gram side. Choose ``alpha`` with :func:`soft_cap_coupling`.
 
+    Range guard: :math:`f` rises to its peak at :math:`\sigma^* = \sqrt{t^*/\alpha}`
+    (:math:`t^* = 1/3`), falls to 0 at :math:`1/\sqrt\alpha` and diverges (as :math:`-\alpha^4\sigma^9`)
+    beyond. A matrix whose estimated top singular value exceeds ``limit`` (default and at most
+    :math:`1/\sqrt\alpha`) is first scaled down so that it is ``limit`` (every singular value by
+    one factor; a 10-step power estimate, bounded by the Frobenius norm), so no finite input gives
+    a huge or NaN result: every output singular value is at most the peak :math:`f(\sigma^*)`.
+
     Args:
         W: ``(..., m, n)``.
         alpha: the strength, ``>= 0``.
+        limit: the largest singular value fed to the polynomial (``0 < limit``, default
+            :math:`1/\sqrt\alpha`); e.g. the coupling's :math:`k`, where :math:`f(k) = w_{max}`.
         dtype: compute dtype (default ``W.dtype``; bf16 works).
         matmul_dtype: dtype of the matrix products only (e.g. bf16, Muon's precision): the
             correction ``∓αXXᵀX`` is rounded, ``X`` itself keeps ``dtype``'s precision.
@@ -366,7 +399,13 @@ def soft_cap(
     alpha = float(alpha)
     if alpha < 0 or not math.isfinite(alpha):
         raise ValueError(f"soft_cap: alpha must be a finite number >= 0, got {alpha}")
+    if limit is not None and not (isinstance(limit, (int, float)) and 0 < limit < math.inf):
+        raise ValueError(f"soft_cap: limit must be a finite number > 0, got {limit!r}")
     X = _compute(W, dtype)
+    if alpha == 0:  # f is the identity: only the limit (if any) applies
+        return (X.clone() if limit is None else _into_range(X, float(limit), margin=1.0)).to(W.dtype)
+    zero_at = 1 / math.sqrt(alpha)  # f(zero_at) = 0; f < 0 and diverging beyond
+    X = _into_range(X, zero_at if limit is None else min(float(limit), zero_at), margin=1.0)
     Y = _odd_poly_(X, ((1.0, -alpha, 0.0), (1.0, alpha, 0.0)), matmul_dtype=matmul_dtype)
     return Y.to(W.dtype)
 
@@ -385,10 +424,13 @@ def hard_cap(
     c\sigma^4)` (:data:`HARD_CAP_COEFFICIENTS`) on ``W / w_max``, times ``w_max``: 0.5→0.498,
     1→0.966, 1.185→1.0109 (the peak), 2→1.002 (times ``w_max``). The polynomial holds up to
     σ ≈ 3.5·w_max and diverges beyond: a matrix whose estimated σ exceeds 3·w_max is first scaled
-    down into range (all its singular values by one factor), so large steps never give NaN.
+    down into range (all its singular values by one factor), so large steps never give NaN. Every
+    finite input gives a finite result (huge entries are divided by the largest one first, so no
+    intermediate overflows).
     ``exact=True``: :math:`\min(w_{max}, \sigma)` exactly, as
     :math:`X\, g(X^\top X)` with :math:`g(\lambda) = \min(1, w_{max}/\sqrt\lambda)` from an
-    eigendecomposition of the smaller Gram matrix (float32 at least).
+    eigendecomposition of the smaller Gram matrix (float32 at least), of ``X / max|X|`` (so the Gram
+    never overflows); a matrix with every singular value at most ``w_max`` is returned unchanged.
 
     Example::
 
@@ -400,35 +442,59 @@ def hard_cap(
         raise ValueError(f"hard_cap: w_max must be > 0, got {w_max}")
     X = _compute(W, dtype)
     if not exact:
-        X = _into_hard_cap_range(X / w_max)
+        X = _into_range(X / w_max, _HARD_CAP_RANGE, margin=1.1)
         return (_odd_poly_(X, HARD_CAP_COEFFICIENTS, matmul_dtype=matmul_dtype) * w_max).to(W.dtype)
     edtype = torch.float64 if X.dtype == torch.float64 else torch.float32
-    Xe, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
-    lam, Q = torch.linalg.eigh(_gram(Xe))
-    g = torch.where(lam > w_max**2, w_max * lam.clamp_min(1e-30).rsqrt(), torch.ones_like(lam))
-    # X_capped = Q g(Λ) Qᵀ X  (left polar factor form, since X Xᵀ = Q Λ Qᵀ)
-    Y = (Q * g.unsqueeze(-2)) @ (Q.mT @ Xe)
+    Y, transposed = _wide(X.to(edtype))  # (m, n), m <= n: the Gram X Xᵀ is m × m
+    # One pass leaves an error of about eps·σ₁(X) (the eigenvectors' rounding times the input), so
+    # a σ₁ far above w_max (one huge update) takes a few passes, each on the previous result.
+    for _ in range(_EXACT_CAP_PASSES):
+        Y, ratio = _exact_cap_pass(Y, w_max)
+        if not bool((ratio > 2.0).any()):
+            break
     if transposed:
         Y = Y.mT
     return Y.to(W.dtype)
 
 
+_EXACT_CAP_PASSES = 8  # enough for σ₁/w_max up to the float32 range (each pass gains ~1e-6)
+
+
+def _exact_cap_pass(Xe: Tensor, w_max: float) -> tuple[Tensor, Tensor]:
+    # min(σ, w_max) on a wide (m <= n) matrix via eigh of the Gram of Xe / max|Xe| (no overflow);
+    # also returns σ₁/w_max of the input. A matrix with nothing to cap is returned as it is.
+    Z, peak = _peak_scaled(Xe)  # Z = Xe / peak: entries in [-1, 1], its Gram cannot overflow
+    lam, Q = torch.linalg.eigh(_gram(Z))
+    sigma = lam.clamp_min(0).sqrt()  # singular values of Z; those of Xe are peak times these
+    bound = w_max / peak.squeeze(-1)  # w_max in Z's units, (..., 1)
+    g = torch.where(sigma > bound, bound / sigma.clamp_min(1e-30), torch.ones_like(sigma))
+    # X_capped = Q g(Λ) Qᵀ X  (left polar factor form, since X Xᵀ = Q Λ Qᵀ)
+    Y = (Q * g.unsqueeze(-2)) @ (Q.mT @ Xe)
+    inside = (g == 1).all(-1)[..., None, None]  # nothing to cap: the input itself, not Q Qᵀ X
+    return torch.where(inside, Xe, Y), sigma[..., -1] / bound.squeeze(-1)
+
+
 #: The hard-cap polynomial stays within 1% of 1 up to about 3.5, then turns negative and diverges.
 _HARD_CAP_RANGE = 3.0
+_RANGE_ITERATIONS = 10
 
 
-def _into_hard_cap_range(X: Tensor) -> Tensor:
-    # Matrices whose spectral norm may exceed the polynomial's range are scaled down into it first
-    # (every singular value shrinks by the same factor, so the top ones still land at ~1): without
-    # this, one large optimizer step turns the weight into NaN. The Frobenius norm bounds sigma
-    # from above, so most calls stop there; otherwise a 10-step estimate (with a 10% margin, from a
-    # private generator so the global RNG does not move) decides. The scale is differentiable.
-    if bool((torch.linalg.matrix_norm(X.detach()) <= _HARD_CAP_RANGE).all()):
+def _into_range(X: Tensor, limit: float, *, margin: float) -> Tensor:
+    # Matrices whose spectral norm may exceed a polynomial's range are scaled down into it first
+    # (every singular value shrinks by the same factor, so the top ones still land near the top of
+    # the range): without this, one large optimizer step turns the weight into NaN. The Frobenius
+    # norm bounds sigma from above, so most small matrices stop there; otherwise a power-iteration
+    # estimate (times ``margin``, from a private generator so the global RNG does not move)
+    # decides, and the factor never exceeds what the Frobenius bound alone would need. Huge
+    # entries are divided by the largest one first, so nothing overflows. Differentiable.
+    fro = _fro(X.detach())
+    if bool((fro <= limit).all()):
         return X
+    Z, peak = _peak_scaled(X)  # entries in [-1, 1]; sigma(X) = peak * sigma(Z)
     generator = torch.Generator(X.device).manual_seed(0)
-    _, sigma, _ = power_iterate(X, 10, generator=generator)  # sigma carries d(u^T X v)/dX
-    factor = torch.clamp_min(1.1 * sigma.abs() / _HARD_CAP_RANGE, 1.0).to(X.dtype)
-    return X / factor[..., None, None]
+    _, sigma, _ = power_iterate(Z, _RANGE_ITERATIONS, generator=generator)  # carries d(u^T Z v)/dZ
+    top = torch.minimum(margin * sigma.abs()[..., None, None], fro.to(Z.dtype) / peak)  # in Z's units
+    return torch.where(peak * top > limit, Z * (limit / top.clamp_min(1e-30)).to(X.dtype), X)
 
 
 def pure_svd(W: Tensor, w_max: float = 1.0, *, dtype: torch.dtype | None = None) -> Tensor:
@@ -461,8 +527,8 @@ def orthogonalize(
     ``W / ‖W‖_F`` then ``steps`` iterations :math:`X \leftarrow aX + (bA + cA^2)X`,
     :math:`A = X X^\top`, with torch.optim.Muon's coefficients: singular values land in about
     [0.68, 1.2] (not exactly 1, by design of those coefficients). ``exact=True`` returns
-    :math:`U V^\top` from an SVD. Batched, on the smaller Gram side, in ``dtype`` (Muon itself
-    uses bf16).
+    :math:`U V^\top` from an SVD (zero singular values stay 0: a zero matrix gives zero).
+    Batched, on the smaller Gram side, in ``dtype`` (Muon itself uses bf16).
 
     Example::
 
@@ -472,8 +538,12 @@ def orthogonalize(
     X = _compute(W, dtype)
     if exact:
         sdtype = torch.float64 if X.dtype == torch.float64 else torch.float32
-        U, _, Vh = torch.linalg.svd(X.to(sdtype), full_matrices=False)
-        return (U @ Vh).to(W.dtype)
+        U, S, Vh = torch.linalg.svd(X.to(sdtype), full_matrices=False)
+        # U Vᵀ on the numerical range; directions with a zero singular value map to 0 (as
+        # Newton–Schulz does), so a zero matrix stays zero instead of becoming an arbitrary U Vᵀ.
+        tol = S[..., :1] * (max(X.shape[-2:]) * torch.finfo(sdtype).eps)
+        keep = (S > tol).to(sdtype)
+        return ((U * keep.unsqueeze(-2)) @ Vh).to(W.dtype)
     a, b, c = coefficients
     return _odd_poly_(X, ((a, b, c),) * steps, normalize_frobenius=True, matmul_dtype=matmul_dtype).to(W.dtype)
 

@@ -54,7 +54,10 @@ __all__ = [
     "power_iterate_",
     "apply_rank_one_",
     "apply_full_",
+    "rank_one_block",
     "full_matrix",
+    "prepare_dtensors",
+    "project_dtensors_",
 ]
 
 
@@ -406,12 +409,21 @@ def apply_rank_one_(
     ``op(block, (u_block, sigma, v_block)) -> new block`` must act entrywise given the estimate,
     as ``spectral_normalize``, ``spectral_hammer`` and ``spectral_weight_decay`` do with ``estimate=``.
     """
+    block = rank_one_block(mat, op, estimate)
+    if block is not None:
+        mat.write_(block)  # NB: the parameter's local shard is overwritten.
+
+
+def rank_one_block(
+    mat: ShardedMatrix,
+    op: Callable[[Tensor, tuple[Tensor, Tensor, Tensor]], Tensor],
+    estimate: tuple[Tensor, Tensor, Tensor],
+) -> Tensor | None:
+    """The new local block of :func:`apply_rank_one_`, not written (None for an empty block)."""
     if not (mat.rows.numel() and mat.cols.numel()):
-        return
+        return None
     u, sigma, v = estimate
-    block = mat.read()
-    # NB: the parameter's local shard is overwritten.
-    mat.write_(op(block, (u[mat.rows.to(u.device)], sigma, v[mat.cols.to(v.device)])))
+    return op(mat.read(), (u[mat.rows.to(u.device)], sigma, v[mat.cols.to(v.device)]))
 
 
 @torch.no_grad()
@@ -420,17 +432,24 @@ def apply_full_(
     ops: Sequence[Callable[[Tensor], Tensor]],
     *,
     dtype: torch.dtype | None = None,
-) -> None:
+    write: bool = True,
+) -> list[Tensor | None]:
     """Apply full-matrix ops: assemble each matrix on its owner, project there, write back blocks.
 
     Matrices go in buckets of at most one per owner rank, so owners work in parallel. Owners come
-    from :func:`assign_owners` (call it once on the full list).
+    from :func:`assign_owners` (call it once on the full list). An op that raises on its owner
+    gives a NaN matrix (broadcast like any result), so the other ranks never wait forever.
 
     Args:
         mats: sharded matrices (all ranks, same order).
         ops: one ``full_matrix -> new_full_matrix`` per matrix (run on the owner only).
         dtype: the dtype matrices are assembled and broadcast in (default: the parameter's).
+        write: False: return the new local blocks without writing them (``write_`` them later).
+
+    Returns:
+        Each matrix's new local block (None where this rank holds none of it).
     """
+    blocks: list[Tensor | None] = [None] * len(mats)
     pending = list(range(len(mats)))
     while pending:
         bucket, used, rest = [], set(), []
@@ -450,14 +469,20 @@ def apply_full_(
         me = dist.get_rank()
         for i in bucket:
             if mats[i].owner == me:
-                fulls[i].copy_(ops[i](fulls[i]))
+                try:
+                    fulls[i].copy_(ops[i](fulls[i]))
+                except (RuntimeError, ValueError):  # e.g. LinAlgError: reported as NaN on every rank
+                    fulls[i].fill_(float("nan"))
         works = [dist.broadcast(fulls[i], src=mats[i].owner, group=mats[i].group, async_op=True) for i in bucket]
         for w in works:
             w.wait()
         for i in bucket:
             mat = mats[i]
             if mat.rows.numel() and mat.cols.numel():
-                mat.write_(fulls[i][mat.rows][:, mat.cols])
+                blocks[i] = fulls[i][mat.rows][:, mat.cols]
+                if write:
+                    mat.write_(blocks[i])
+    return blocks
 
 
 def _padded(mat: ShardedMatrix, dtype: torch.dtype | None) -> Tensor:
@@ -536,6 +561,46 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
     full-spectrum methods assemble each matrix on its owner rank and run ``project_matrix`` there.
     The persistent vectors go through the handle (``_get_vectors`` / ``_put_vectors``), so they
     live where the single-process path keeps them (the optimizer state), replicated on every rank.
+    All or nothing: see :func:`prepare_dtensors`.
+    """
+    for write in prepare_dtensors(handle, targets, method):
+        write()
+
+
+def _agree_bad(entries, bad: list[bool]) -> list[bool]:
+    # Every rank of each matrix's group learns whether any rank saw a problem with it (one small
+    # all-reduce per process group, in first-appearance order: the same on every rank).
+    flags = torch.tensor([1 if b else 0 for b in bad], dtype=torch.int32)
+    for idx in _groups_of([mat for _, _, mat in entries]).values():
+        sub = flags[idx].clone()
+        dist.all_reduce(sub, op=dist.ReduceOp.MAX, group=entries[idx[0]][2].group)
+        flags[idx] = sub
+    return [bool(f) for f in flags.tolist()]
+
+
+def _raise_if_bad(entries, bad: list[bool], method, when: str, why: str) -> None:
+    from fx_spectral.constrain import projection_error
+
+    bad = _agree_bad(entries, bad)
+    for (t, key, _), b in zip(entries, bad):
+        if b:  # raised identically on every rank, after the same collectives: nobody hangs
+            raise projection_error(t.name(key), method, when, why)
+
+
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+@torch.no_grad()
+def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in project()") -> list[Callable[[], None]]:
+    """Validate and compute the projection of DTensor targets; return the writes (collective).
+
+    Phases, as on one process: every rank checks its local blocks are finite, and the ranks agree
+    (a ``ProjectionError`` naming the weight is raised on every rank alike); the new blocks are
+    computed (a failing op on an owner rank yields NaN there, which every rank then sees after the
+    broadcast, so no rank is left waiting in a collective); the results are checked finite and
+    agreed on; only then does the caller run the returned writes (local blocks, persistent
+    vectors), so a failure leaves every shard as it was.
     """
     from fx_spectral import methods as K
 
@@ -545,8 +610,10 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
         keys, mats = _layouts(handle, t)
         entries.extend((t, key, mat) for key, mat in zip(keys, mats))
     if not entries:
-        return
-    if type(method) in ops:
+        return []
+    _raise_if_bad(entries, [not _finite(mat.read()) for _, _, mat in entries], method, when, "it holds NaN or inf")
+    writes: list[Callable[[], None]] = []
+    if type(method) in ops and not getattr(method, "exact", False):  # exact: the full path (an eigh)
         op = ops[type(method)]
         starts = []
         for t, key, mat in entries:
@@ -567,26 +634,36 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
             )
             for i, s in zip(idx, sig):
                 sigmas[i] = s
+        bad = []
         for (t, key, mat), (u, v, _), sigma in zip(entries, starts, sigmas):
             scale = (mat.shape[0] / mat.shape[1]) ** 0.5
             est = (u, sigma / scale, v)
             w_max = t.w_max[key]
             dtype = u.dtype
             fn = lambda B, e, dtype=dtype, scale=scale, w_max=w_max: op(B.to(dtype) / scale, method, w_max, e) * scale
-            apply_rank_one_(mat, fn, est)
-            handle._put_vectors(t, key, u, v)
-        return
+            block = rank_one_block(mat, fn, est)
+            bad.append(block is not None and not _finite(block))
+            if block is not None:
+                writes.append(lambda mat=mat, block=block: mat.write_(block))
+            writes.append(lambda t=t, key=key, u=u, v=v: handle._put_vectors(t, key, u, v))
+        _raise_if_bad(entries, bad, method, when, f"{type(method).__name__} gave a non-finite result")
+        return writes
     mats = [mat for _, _, mat in entries]
     assign_owners(mats)
+
+    def full_op(X, t, key, scale):
+        ctx = handle._context(t, key, X, scale)
+        ctx.put_vectors = lambda u, v: None  # computed on the owner only: vectors stay replicated as they are
+        return K.project_matrix(X, method, ctx, scale=scale)
+
     fns = []
     for t, key, mat in entries:
         scale = (mat.shape[0] / mat.shape[1]) ** 0.5
-        fns.append(
-            lambda X, t=t, key=key, scale=scale: K.project_matrix(
-                X, method, handle._context(t, key, X, scale), scale=scale
-            )
-        )
-    apply_full_(mats, fns)
+        fns.append(lambda X, t=t, key=key, scale=scale: full_op(X, t, key, scale))
+    blocks = apply_full_(mats, fns, write=False)
+    bad = [b is not None and not _finite(b) for b in blocks]
+    _raise_if_bad(entries, bad, method, when, f"{type(method).__name__} gave a non-finite result or failed")
+    return [lambda mat=mat, block=block: mat.write_(block) for mat, block in zip(mats, blocks) if block is not None]
 
 
 @torch.no_grad()

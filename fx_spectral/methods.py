@@ -67,10 +67,17 @@ class _Method:
 
 @dataclass(frozen=True, kw_only=True)
 class SpectralNormalize(_Method):
-    r""":math:`W \leftarrow W/\max(1, \hat\sigma/w_{max})` with ``n_iter`` persistent power iterations per step."""
+    r""":math:`W \leftarrow W/\max(1, \hat\sigma/w_{max})` with ``n_iter`` persistent power iterations per step.
+
+    The estimate :math:`\hat\sigma \le \sigma_1` can under-read (then the result exceeds w_max
+    by :math:`\sigma_1/\hat\sigma`). ``exact=True``: the top singular triple from an
+    eigendecomposition of the smaller Gram matrix instead (the cap holds exactly, float32
+    rounding aside; costs one ``eigh`` per weight and step).
+    """
 
     name: ClassVar[str] = "spectral_normalize"
     n_iter: int = 1
+    exact: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +147,9 @@ class SoftCap(_Polynomial):
     RMS→RMS units) for any other optimizer. ``sensitive_to_wmax=True``: the soft cap runs on
     ``W/(s·w_max)`` and the result is multiplied by ``s·w_max`` (an explicit ``alpha`` is then in
     units of w_max); ``False``: on ``W/s``. With the coupling both give the same result.
+    With the coupling, a spectrum beyond the coupling's ``k`` (a start outside the ball, an update
+    larger than its bound) is scaled to ``k`` first, where ``f(k) = w_max``; with an explicit
+    ``alpha`` the polynomial's own range guard applies (:func:`fx_spectral.constraints.soft_cap`).
     """
 
     name: ClassVar[str] = "soft_cap"
@@ -246,7 +256,30 @@ def project_matrix(matrix: Tensor, cfg: _Method, ctx: ProjectionContext, *, scal
     return Y.mul_(scale).to(matrix.dtype)  # NB: in place on the handler's fresh result
 
 
-def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext):
+def _top_triple(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # The exact top singular triple (u, sigma, v) of one matrix, from eigh of the smaller Gram
+    # matrix of X / max|X| (no overflow), in float32 at least.
+    dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    Xe = X.to(dtype)
+    peak = Xe.abs().amax().clamp_min(torch.finfo(dtype).tiny)
+    Z = Xe / peak
+    wide = Z.shape[0] <= Z.shape[1]
+    lam, Q = torch.linalg.eigh(Z @ Z.mT if wide else Z.mT @ Z)
+    top = Q[:, -1]
+    s = lam[-1].clamp_min(0).sqrt()
+    other = (Z.mT @ top if wide else Z @ top) / s.clamp_min(1e-30)
+    if not bool(s > 0):  # a zero matrix: any unit vectors, sigma 0
+        other = torch.zeros_like(other)
+        other[0] = 1.0
+    u, v = (top, other) if wide else (other, top)
+    return u.to(X.dtype), (s * peak).to(X.dtype), v.to(X.dtype)
+
+
+def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext, exact: bool = False):
+    if exact:
+        u, sigma, v = _top_triple(X)
+        ctx.put_vectors(u, v)
+        return u, sigma, v
     prev = ctx.get_vectors()
     if prev is None or prev[0].shape[-1] != X.shape[0] or prev[1].shape[-1] != X.shape[1]:
         gen = torch.Generator(device=X.device).manual_seed(ctx.seed)
@@ -260,15 +293,19 @@ def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext):
 def _soft_cap(X: Tensor, cfg: SoftCap, ctx: ProjectionContext) -> Tensor:
     unit = ctx.w_max if cfg.sensitive_to_wmax else 1.0
     cap = ctx.w_max / unit
-    alpha = cfg.alpha
+    alpha, limit = cfg.alpha, None
     if alpha is None:
         eta = cfg.max_update_norm if cfg.max_update_norm is not None else ctx.update_norm
         if eta is None:
             raise RuntimeError("soft cap coupling needs the max update norm (pass max_update_norm=)")
         alpha = _coupling(cap, ctx.decay, eta / unit)
+        # k: no singular value exceeds it after a step from inside the ball, and f(k) <= cap; a
+        # spectrum beyond k (a start outside the ball, an update larger than promised) is scaled
+        # to k first, so the result stays under the cap (up to the power estimate's accuracy).
+        limit = cap * (1 - ctx.decay) + eta / unit
     if unit == 1.0:
-        return C.soft_cap(X, alpha, matmul_dtype=cfg.products_dtype(ctx))
-    return C.soft_cap(X / unit, alpha, matmul_dtype=cfg.products_dtype(ctx)).mul_(unit)
+        return C.soft_cap(X, alpha, limit=limit, matmul_dtype=cfg.products_dtype(ctx))
+    return C.soft_cap(X / unit, alpha, limit=limit, matmul_dtype=cfg.products_dtype(ctx)).mul_(unit)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -282,9 +319,15 @@ def _orthogonalize(X: Tensor, cfg: Orthogonalize, ctx: ProjectionContext) -> Ten
 
 
 _HANDLERS: dict[type[_Method], Callable[[Tensor, Any, ProjectionContext], Tensor]] = {
-    SpectralNormalize: lambda X, cfg, ctx: C.spectral_normalize(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
-    SpectralHammer: lambda X, cfg, ctx: C.spectral_hammer(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
-    SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx)),
+    SpectralNormalize: lambda X, cfg, ctx: C.spectral_normalize(
+        X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx, cfg.exact)
+    ),
+    SpectralHammer: lambda X, cfg, ctx: C.spectral_hammer(
+        X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx, cfg.exact)
+    ),
+    SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(
+        X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx, cfg.exact)
+    ),
     HardCap: lambda X, cfg, ctx: C.hard_cap(X, ctx.w_max, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx)),
     SoftCap: _soft_cap,
     PureSVD: lambda X, cfg, ctx: C.pure_svd(X, ctx.w_max),

@@ -257,6 +257,7 @@ def test_report_exact_and_estimate_and_activations():
     h0 = torch.nn.functional.linear(x, model[0].weight, model[0].bias).abs().max().item()  # no hooks
     assert approx["0"]["max_activation"] >= h0 - 1e-6
     assert "0" not in handle.report()  # reset by the previous report, no forward since
+    handle.remove()
     with pytest.raises(ValueError, match="track_activations"):
         constrain(model, opt, "pure_svd").report(activations=True)
 
@@ -307,13 +308,17 @@ def test_config_objects_and_selection_rules():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     handle = constrain(model, opt, HardCap(exact=True))
     assert handle.names == ["body.0.weight", "body.2.weight", "body.4.weight"]
+    handle.remove()  # (a live handle refuses a second constrain() of its weights)
     handle = constrain(model, opt, SoftCap(alpha=0.1), sensitive_to_wmax=False, exclude="body.4.*")
     assert handle.method == SoftCap(alpha=0.1, sensitive_to_wmax=False)
     assert handle.names == ["body.0.weight", "body.2.weight"]
+    handle.remove()
     handle = constrain(model, opt, "pure_svd", include=["head.weight", "emb.weight"])
     assert handle.names == ["emb.weight", "head.weight"]
+    handle.remove()
     handle = constrain(model, opt, "pure_svd", filter_fn=lambda mod, fqn: mod.out_features == 32)
     assert handle.names == ["body.0.weight", "body.2.weight"]
+    handle.remove()
     # only the optimizer's parameters
     opt_body0 = torch.optim.SGD(model["body"][0].parameters(), lr=0.1)
     assert constrain(model, opt_body0, "pure_svd").names == ["body.0.weight"]
@@ -449,3 +454,241 @@ def test_muon_weights_get_bf16_products_by_default(matmul_dtype):
     torch.testing.assert_close(model[2].weight.detach(), expected, rtol=0, atol=1e-6)
     if matmul_dtype == "auto":
         assert not torch.allclose(model[2].weight.detach(), C.soft_cap(W0, 0.2), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Safe from any starting point: initial projection, range guards, refusals, all or nothing
+# --------------------------------------------------------------------------------------------
+
+CAPPED = {  # method -> (options, bound on sigma / w_max after each step)
+    "pure_svd": ({}, 1.0),
+    "hard_cap": ({}, 1.0109),
+    "hard_cap_exact": ({"exact": True}, 1.0),
+    "soft_cap": ({"max_update_norm": 0.5}, 1.0),
+    "spectral_normalize": ({"exact": True}, 1.0),
+    "orthogonalize_exact": ({"exact": True}, 1.0),
+}
+
+
+def _method(key: str) -> str:
+    return key.removesuffix("_exact")
+
+
+def test_readme_example_stays_finite_and_under_the_cap():
+    """The README's model (default init, torch's spectral_norm replacement on top), Muon and the
+    soft cap: before, RMS sigma 22 became 1.9e9 in one step and NaN in two."""
+    import fx_spectral
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    fx_spectral.apply_spectral_norm(model)
+    x = torch.randn(8, 3, 32, 32)
+    model(x)  # materializes the LazyLinear
+    assert rms_norm(model[3].weight) > 10  # far outside the ball at the start
+    muon = torch.optim.Muon([p for p in model.parameters() if p.ndim == 2], lr=0.02)
+    handle = fx_spectral.constrain(model, muon, "soft_cap", w_max=1.0)
+    assert handle.names == ["3.weight"]
+    assert rms_norm(model[3].weight) <= 1.0 + 1e-5  # the initial projection
+    target = torch.randn(8, 10)
+    for _ in range(10):
+        muon.zero_grad()
+        torch.nn.functional.mse_loss(model(x), target).backward()
+        muon.step()
+        W = model[3].weight
+        assert torch.isfinite(W).all()
+        assert rms_norm(W) <= 1.0 * (1 + 2e-3)  # bf16 products (Muon's precision) round a little
+        assert handle.report()["3.weight"]["sigma"] == pytest.approx(rms_norm(W), rel=1e-5)
+
+
+@pytest.mark.parametrize("start", [1e4, 1.0, 1e-4])
+@pytest.mark.parametrize("key", sorted(CAPPED))
+def test_every_capping_method_holds_from_any_start(key, start):
+    model = mlp()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(start)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    options, bound = CAPPED[key]
+    handle = constrain(model, opt, _method(key), w_max=0.8, **options)
+    for fqn, entry in handle.report().items():  # from step 0
+        assert entry["sigma"] <= 0.8 * bound * (1 + 1e-5), (fqn, entry)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        for fqn, entry in handle.report().items():
+            assert torch.isfinite(dict(model.named_parameters())[fqn]).all()
+            assert entry["sigma"] <= 0.8 * bound * (1 + 2e-3), (fqn, entry)
+
+
+@pytest.mark.parametrize(
+    "method,options,bound", [("hard_cap", {}, 1.0109), ("soft_cap", {"max_update_norm": 0.5}, 1.0)]
+)
+def test_polynomials_are_guarded_without_the_initial_projection(method, options, bound):
+    """Weights far outside the polynomial's range (sigma ~1e20 in float32): finite, capped."""
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight.mul_(1e20)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    handle = constrain(model, opt, method, w_max=0.8, initial_projection=False, **options)
+    assert rms_norm(model[2].weight) > 1e19  # not projected at registration
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    W = model[2].weight
+    assert torch.isfinite(W).all()
+    assert handle.report()["2.weight"]["sigma"] <= 0.8 * bound * (1 + 2e-3)
+
+
+def test_initial_projection_is_exact_and_leaves_inside_weights_alone():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight.mul_(50.0)  # outside the ball
+        model[2].weight.mul_(1e-3)  # well inside
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    constrain(model, opt, "soft_cap", w_max=0.8, alpha=0.1)
+    assert rms_norm(model[0].weight) == pytest.approx(0.8, rel=1e-5)  # min(sigma_i, w_max): exactly at the cap
+    # the exact cap keeps the singular vectors and every singular value below the cap
+    s_before = torch.linalg.svdvals(before["0.weight"].double() / 2.0)
+    s_after = torch.linalg.svdvals(model[0].weight.detach().double() / 2.0)
+    torch.testing.assert_close(s_after, s_before.clamp_max(0.8), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[2].weight, before["2.weight"], rtol=1e-6, atol=0)
+    assert torch.equal(model[0].bias, before["0.bias"])
+    # spectral normalize: a rescale by the exact sigma (keeps the spectrum's shape)
+    model2 = mlp()
+    with torch.no_grad():
+        model2[0].weight.mul_(50.0)
+    W0 = model2[0].weight.detach().clone()
+    constrain(model2, torch.optim.SGD(model2.parameters(), lr=0.1), "spectral_normalize", w_max=0.8)
+    torch.testing.assert_close(model2[0].weight, W0 * (0.8 / rms_norm(W0)), rtol=1e-5, atol=1e-7)
+    # opting out
+    model3 = mlp()
+    with torch.no_grad():
+        model3[0].weight.mul_(50.0)
+    W0 = model3[0].weight.detach().clone()
+    constrain(model3, torch.optim.SGD(model3.parameters(), lr=0.1), "hard_cap", w_max=0.8, initial_projection=False)
+    assert torch.equal(model3[0].weight, W0)
+    with pytest.raises(TypeError, match="initial_projection"):
+        constrain(model3, torch.optim.SGD(model3.parameters(), lr=0.1), "hard_cap", initial_projection="yes")
+
+
+def test_constrain_twice_on_the_same_optimizer_and_weight_is_refused(module_snapshot):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = constrain(model, opt, "hard_cap", w_max=0.8)
+    snapshot, same = module_snapshot
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'0\.weight' is already constrained for this optimizer .*remove\(\)"):
+        constrain(model, opt, "soft_cap", alpha=0.1)
+    same(before, snapshot(model))
+    assert len(opt._optimizer_step_post_hooks) == 1
+    # disjoint weights are fine; after remove() the weights can be constrained again
+    other = constrain(model, opt, "pure_svd", include="4.weight", exclude=None) if False else None
+    assert other is None
+    handle.remove()
+    handle2 = constrain(model, opt, "soft_cap", alpha=0.1, exclude="4.weight")
+    handle3 = constrain(model, opt, "pure_svd", include="4.weight")
+    assert handle2.names == ["0.weight", "2.weight"] and handle3.names == ["4.weight"]
+    # a container optimizer and its member are the same owner of the state: refused too
+    members = [torch.optim.SGD(mlp().parameters(), lr=0.1)]
+
+    class Container(torch.optim.Optimizer):
+        def __init__(self, optimizers):
+            self.optimizers = optimizers
+            super().__init__([p for o in optimizers for g in o.param_groups for p in g["params"]], {})
+
+    m2 = mlp()
+    member = torch.optim.SGD(m2.parameters(), lr=0.1)
+    constrain(m2, member, "hard_cap")
+    with pytest.raises(ValueError, match="already constrained"):
+        constrain(m2, Container([member]), "hard_cap")
+    del members
+
+
+def test_a_failed_projection_writes_nothing_and_names_the_weight():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, opt)  # (its hook runs before constrain's)
+    handle = constrain(model, opt, "hard_cap", w_max=0.1, initial_projection=False)
+    x = torch.randn(4, 8)
+    model(x).sum().backward()
+    with torch.no_grad():
+        model[4].weight.grad[0, 0] = float("nan")  # the last weight turns NaN in the step
+    from fx_spectral.constrain import ProjectionError
+
+    with pytest.raises(ProjectionError, match=r"'4\.weight' after the optimizer step .*NaN.*already happened"):
+        opt.step()
+    for fqn, p in model.named_parameters():  # every weight as the optimizer left it (none projected)
+        torch.testing.assert_close(p.detach(), cap.before[fqn], rtol=0, atol=0, equal_nan=True)
+    assert rms_norm(model[0].weight) > 0.1 * 1.05  # the first weight was not projected
+    with pytest.raises(ProjectionError, match=r"'4\.weight' in project\(\).*No weight was changed"):
+        handle.project()
+
+
+def test_a_failing_op_is_reported_and_nothing_is_written(monkeypatch):
+    import fx_spectral.methods as K
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cap = Capture(model, opt)
+    constrain(model, opt, "pure_svd", w_max=0.1)
+    original = K._HANDLERS[K.PureSVD]
+
+    def failing(X, cfg, ctx):
+        if X.shape == (4, 32):  # the last weight
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return original(X, cfg, ctx)
+
+    monkeypatch.setitem(K._HANDLERS, K.PureSVD, failing)
+    model(torch.randn(4, 8)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'4\.weight'.*LinAlgError.*already happened"):
+        opt.step()
+    for fqn, p in model.named_parameters():
+        assert torch.equal(p.detach(), cap.before[fqn])
+
+
+@pytest.mark.parametrize("empty", [(0, 5), (5, 0)])
+def test_zero_size_weights_are_skipped(empty):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.empty, self.b = nn.Linear(8, 5), nn.Linear(*empty), nn.Linear(5, 4)
+
+        def forward(self, x):
+            h = self.a(x)
+            if empty == (0, 5):
+                h = h + self.empty(x[:, :0])  # its bias only
+            else:
+                h = h + self.empty(h).sum()  # an empty output
+            return self.b(h)
+
+    model = Model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    handle = constrain(model, opt, "hard_cap", w_max=0.5)
+    assert handle.names == ["a.weight", "b.weight"]
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(3, 8)).square().sum().backward()
+        opt.step()
+    assert set(handle.report()) == {"a.weight", "b.weight"}
+    with pytest.raises(ValueError, match="zero-size weights are skipped"):
+        constrain(model, torch.optim.SGD(model.parameters(), lr=0.1), "hard_cap", include="empty.weight")
+
+
+def test_nested_head_is_excluded_by_default():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+            self.lm_head = nn.Linear(4, 10)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Model()
+
+    model = Wrapper()
+    handle = constrain(model, torch.optim.SGD(model.parameters(), lr=0.1), "hard_cap")
+    assert handle.names == ["inner.body.0.weight", "inner.body.2.weight", "inner.body.4.weight"]
+    assert not any("lm_head" in n for n in handle.names)

@@ -264,3 +264,110 @@ def test_hard_cap_polynomial_survives_spectra_beyond_its_range(top):
     assert s.max() <= 1.0109 + 1e-3
     assert s.max() >= 0.99  # the top direction still lands at the cap, not far below it
     assert torch.equal(W, with_spectrum(spectrum(16, hi=top), 16, 24, batch=(2,)))  # input untouched
+
+
+# --------------------------------------------------------------------------------------------
+# The hard-cap coefficients, pinned; every op finite for every finite input
+# --------------------------------------------------------------------------------------------
+
+# arXiv 2507.13338's four odd steps x <- x (a + b x^2 + c x^4), written out independently here.
+PAPER_HARD_CAP = (
+    (0.805032, 0.206361, -0.019763),
+    (0.649867, 0.162935, -0.011150),
+    (1.810259, -0.200265, 0.008251),
+    (1.004384, -0.183490, 0.014413),
+)
+
+
+def _paper_hard_cap(x: float) -> float:
+    for a, b, c in PAPER_HARD_CAP:
+        x = x * (a + b * x * x + c * x**4)
+    return x
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 0.5, 0.8, 1.0, 1.185, 1.5, 2.0, 2.7, 2.95])
+def test_hard_cap_coefficients_are_pinned(sigma):
+    """A change in the 3rd decimal of any coefficient moves these values by far more than 1e-6."""
+    assert C.HARD_CAP_COEFFICIENTS == PAPER_HARD_CAP
+    expected = _paper_hard_cap(sigma)
+    assert float(C.hard_cap_polynomial(torch.tensor(sigma, dtype=torch.float64))) == pytest.approx(expected, abs=1e-6)
+    # the matrix op maps a singular value sigma (times w_max) exactly so
+    W = with_spectrum([2.0 * sigma, 0.1], 2, 3)
+    assert float(svals(C.hard_cap(W, 2.0))[0]) == pytest.approx(2.0 * expected, abs=2e-6)
+
+
+OPS = {  # name -> (op on W, bound on sigma(output) for a huge input, or None)
+    "hard_cap": (lambda W: C.hard_cap(W, 1.0), 1.0109),
+    "hard_cap_exact": (lambda W: C.hard_cap(W, 1.0, exact=True), 1.0 + 1e-5),
+    "soft_cap": (lambda W: C.soft_cap(W, 0.1), C.soft_cap_polynomial((1 / 3 / 0.1) ** 0.5, 0.1) + 1e-5),  # its peak
+    "spectral_normalize": (lambda W: C.spectral_normalize(W, 1.0, n_iter=30), 1.0 + 1e-3),
+    "spectral_hammer": (lambda W: C.spectral_hammer(W, 1.0, n_iter=30), None),
+    "spectral_weight_decay": (lambda W: C.spectral_weight_decay(W, 0.1, n_iter=30), None),
+    "pure_svd": (lambda W: C.pure_svd(W, 1.0), 1.0 + 1e-5),
+    "orthogonalize": (lambda W: C.orthogonalize(W), 1.21),
+    "orthogonalize_exact": (lambda W: C.orthogonalize(W, exact=True), 1.0 + 1e-5),
+}
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e20, 1e-30, 0.0])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_is_finite_for_huge_tiny_and_zero_inputs(name, scale):
+    op, bound = OPS[name]
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(2, 24, 16, generator=g) * scale  # float32, sigma up to ~1e31
+    Y = op(W)
+    assert Y.dtype == torch.float32 and Y.shape == W.shape
+    assert torch.isfinite(Y).all(), name
+    s_out = svals(Y)
+    if scale == 0.0:
+        assert torch.equal(Y, torch.zeros_like(Y))
+    elif scale > 1 and bound is not None:
+        assert float(s_out.max()) <= bound, (name, float(s_out.max()))
+    elif scale < 1:
+        if name.startswith("orthogonalize"):  # scale-free: singular values near 1 whatever the input
+            assert 0.5 < float(s_out.max()) <= 1.21
+        else:  # far inside every cap: (nearly) unchanged, in particular not blown up
+            assert float(s_out.max()) <= float(svals(W).max()) * 1.001
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_power_iterate_on_huge_and_tiny_matrices(scale):
+    W = with_spectrum([3.0, 1.0, 0.5, 0.2], 5, 4, dtype=torch.float32) * scale
+    _, sigma, _ = C.power_iterate(W, 30)
+    assert torch.isfinite(sigma)
+    if scale > 1:
+        assert float(sigma) == pytest.approx(3.0 * scale, rel=1e-4, abs=0)
+    else:  # norms below eps (1e-12) keep the previous vector: a lower bound (0), never NaN
+        assert 0.0 <= float(sigma) <= 3.0 * scale * (1 + 1e-4)
+
+
+def test_soft_cap_guards_spectra_beyond_its_range():
+    alpha = 0.1  # f(sigma) = 0 at 1/sqrt(alpha) ≈ 3.16, negative and diverging beyond
+    s = torch.tensor([40.0, 8.0, 3.0, 1.0], dtype=torch.float64)
+    W = with_spectrum(s, 6, 4)
+    Y = C.soft_cap(W, alpha)
+    peak = float(C.soft_cap_polynomial(torch.tensor((1 / 3 / alpha) ** 0.5, dtype=torch.float64), alpha))
+    assert torch.isfinite(Y).all() and float(svals(Y).max()) <= peak * (1 + 1e-9)
+    # in range, the polynomial itself (the guard does nothing)
+    W2 = with_spectrum(torch.tensor([3.0, 1.0, 0.5, 0.1], dtype=torch.float64), 6, 4)
+    expected = C.soft_cap_polynomial(svals(W2), alpha).abs().sort(descending=True).values
+    torch.testing.assert_close(svals(C.soft_cap(W2, alpha)), expected, rtol=0, atol=1e-10)
+    # an explicit limit (the coupling's k): the top singular value is scaled to it first
+    Y3 = C.soft_cap(W, alpha, limit=1.2)
+    assert float(svals(Y3).max()) == pytest.approx(float(C.soft_cap_polynomial(torch.tensor(1.2), alpha)), rel=1e-3)
+    with pytest.raises(ValueError, match="limit"):
+        C.soft_cap(W, alpha, limit=0.0)
+
+
+def test_exact_hard_cap_returns_a_matrix_inside_unchanged_and_handles_huge_ranges():
+    W = with_spectrum([0.9, 0.5, 0.1], 3, 5, dtype=torch.float32)
+    assert torch.equal(C.hard_cap(W, 1.0, exact=True), W)
+    # one direction 1e7 times the cap next to directions below it (a huge update on a capped
+    # weight). In float32 one eigh pass leaves an error of about eps * 1e7 ≈ 1 (the input's own
+    # rounding is that large: its small singular values are not even defined to that accuracy);
+    # the passes still bring every singular value under the cap.
+    W = with_spectrum([1e7, 0.8, 0.3], 3, 5, dtype=torch.float32)
+    assert float(svals(C.hard_cap(W, 1.0, exact=True)).max()) <= 1.0 + 1e-5
+    W = with_spectrum([1e7, 0.8, 0.3], 3, 5)  # float64: exact
+    s = svals(C.hard_cap(W, 1.0, exact=True))
+    torch.testing.assert_close(s, torch.tensor([1.0, 0.8, 0.3], dtype=torch.float64), rtol=0, atol=1e-7)

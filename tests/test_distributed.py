@@ -81,7 +81,7 @@ def _compare(model, ref) -> float:
     return err
 
 
-def _scenario_fsdp(rank, world, mesh, method, options, results, key, **shard_kw):
+def _scenario_fsdp(rank, world, mesh, method, options, results, key, opt_cls=torch.optim.AdamW, **shard_kw):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(100)
@@ -91,8 +91,11 @@ def _scenario_fsdp(rank, world, mesh, method, options, results, key, **shard_kw)
     for block in model:
         fully_shard(block, mesh=mesh, **shard_kw)
     fully_shard(model, mesh=mesh, **shard_kw)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)
+    # (AdamW's m/sqrt(v) turns rounding-level gradients into lr-sized steps: SGD where the weights
+    # start small, after the initial projection)
+    kw = {"weight_decay": 0.0} if opt_cls is torch.optim.AdamW else {}
+    opt_ref = opt_cls(ref.parameters(), lr=0.05, **kw)
+    opt = opt_cls(model.parameters(), lr=0.05, **kw)
     h_ref = constrain(ref, opt_ref, method, w_max=1.5, split=qkv_split, **options)
     h = constrain(model, opt, method, w_max=1.5, split=qkv_split, **options)
     _train(ref, opt_ref, data, STEPS)
@@ -152,26 +155,99 @@ def _scenario_placements(rank, world, results):
             results[f"{name}/{method}"] = {"weights": _compare(model, ref)}
 
 
+def _scenario_all_or_nothing(rank, world, mesh, results):
+    """A NaN in one rank's shard of the second block: every rank raises the same ProjectionError
+    (naming that weight, none hanging in a collective) and no shard anywhere is written."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fx_spectral.constrain import ProjectionError
+
+    for method in ("spectral_normalize", "hard_cap"):
+        model = _model(3)
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        h = constrain(model, opt, method, w_max=1.5, split=qkv_split)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().mul_(10.0)  # outside the ball again: a projection would change every weight
+            if rank == world - 1:
+                model[1].up.weight.to_local()[0, 0] = float("nan")
+        before = {n: _full(p).clone() for n, p in model.named_parameters()}
+        try:
+            h.project()
+            message = None
+        except ProjectionError as e:
+            message = str(e)
+        after = {n: _full(p) for n, p in model.named_parameters()}
+        unchanged = all(torch.equal(before[n], after[n]) or n == "1.up.weight" for n in before)
+        unchanged &= torch.equal(before["1.up.weight"].isnan(), after["1.up.weight"].isnan())
+        results[f"atomic/{method}/{rank}"] = {"message": message, "unchanged": bool(unchanged)}
+
+
+def _scenario_refuse_twice(rank, world, mesh, results):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model(4)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    constrain(model, opt, "hard_cap", w_max=1.5)
+    try:
+        constrain(model, opt, "soft_cap", alpha=0.1)
+        results[f"twice/{rank}"] = None
+    except ValueError as e:
+        results[f"twice/{rank}"] = str(e)
+
+
 def _worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import datetime
+    import sys
+    import traceback
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5)
+    )
     torch.set_num_threads(1)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
         results: dict = {}
         mesh = init_device_mesh("cpu", (world,))
-        for method, options in METHODS.items():
-            _scenario_fsdp(rank, world, mesh, method, options, results, f"fsdp/{method}")
+        for method, options in METHODS.items():  # (from the same start: weights outside the ball)
+            _scenario_fsdp(
+                rank, world, mesh, method, {**options, "initial_projection": False}, results, f"fsdp/{method}"
+            )
+        # with the initial projection (the default): it runs on the owner ranks, exactly
+        sgd = torch.optim.SGD
+        _scenario_fsdp(rank, world, mesh, "spectral_normalize", {"exact": True}, results, "fsdp/exact_normalize", sgd)
+        _scenario_fsdp(rank, world, mesh, "hard_cap", {}, results, "fsdp/initial_hard_cap", sgd)
         if world == 4:
             hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
             for method in ("spectral_hammer", "soft_cap"):
-                _scenario_fsdp(rank, world, hsdp, method, METHODS[method], results, f"hsdp/{method}")
+                options = {**METHODS[method], "initial_projection": False}
+                _scenario_fsdp(rank, world, hsdp, method, options, results, f"hsdp/{method}")
         _scenario_placements(rank, world, results)
+        if world == 2:
+            _scenario_all_or_nothing(rank, world, mesh, results)
+            _scenario_refuse_twice(rank, world, mesh, results)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
         if rank == 0:
             with open(out_file, "w") as f:
-                json.dump(results, f)
-    finally:
+                json.dump({k: v for r in gathered for k, v in r.items()}, f)
+        dist.barrier()
         dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    # torch 2.13 + gloo: a spawned rank sometimes aborts at interpreter exit ("terminate called
+    # without an active exception", SIGABRT) even after destroy_process_group(); the results are
+    # on disk by now, so leave without running the interpreter's teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run(world: int) -> dict:
@@ -222,3 +298,28 @@ def test_hsdp_replicate_shard_four_ranks(four_ranks, method):
 def test_tp_style_placements(two_ranks, four_ranks, layout, method):
     results = two_ranks if layout == "shard1" else four_ranks
     assert results[f"{layout}/{method}"]["weights"] < TOL
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_initial_projection_and_exact_normalize_match_single_process(two_ranks, four_ranks, world):
+    results = two_ranks if world == 2 else four_ranks
+    r = results["fsdp/exact_normalize"]
+    assert r["weights"] < TOL, r
+    assert r["max_sigma"] <= 1.5 * (1 + 1e-5), r  # exact: the cap holds (no estimate to under-read)
+    r = results["fsdp/initial_hard_cap"]
+    assert r["weights"] < TOL, r
+    assert r["max_sigma"] <= 1.5 * 1.0109 * (1 + 1e-5), r
+
+
+def test_projection_is_all_or_nothing_on_every_rank(two_ranks):
+    for method in ("spectral_normalize", "hard_cap"):
+        entries = [two_ranks[f"atomic/{method}/{rank}"] for rank in range(2)]
+        for r in entries:
+            assert r["message"] is not None and "'1.up.weight'" in r["message"] and "NaN" in r["message"], r
+            assert r["unchanged"], r
+        assert entries[0]["message"] == entries[1]["message"]
+
+
+def test_second_constrain_is_refused_on_every_rank(two_ranks):
+    for rank in range(2):
+        assert "already constrained" in two_ranks[f"twice/{rank}"]
