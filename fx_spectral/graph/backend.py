@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SpectralBackendConfig", "backend", "spectral_backend"]
+__all__ = ["SpectralBackendConfig", "backend", "prepare", "spectral_backend"]
 
 BACKEND_NAME = "spectral"
 
@@ -114,6 +116,10 @@ class SpectralBackend:
 
     def __hash__(self) -> int:
         return hash((SpectralBackend, id(self.config)))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """:func:`prepare` with this backend's ``name``, ``filter_fn`` and ``eps``: u/v now, for a strict load."""
+        return _prepare(model, self.config)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **options) -> Callable:
         if options:
@@ -226,23 +232,17 @@ def spectral_backend(gm: torch.fx.GraphModule, example_inputs: list, **options) 
 
 
 # --------------------------------------------------------------------------------------------
-# Which module owns each weight
+# The weights of a graph
 # --------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class _Slot:
-    """One weight to normalize: its graph input, the module owning it, its ``dim``."""
+    """One weight input of a graph: its position among the placeholders, its ``dim``, its dynamo source."""
 
-    index: int  # position of the weight among the graph's placeholders
-    module: nn.Module
-    fqn: str  # of the module, relative to the root module of the compiled frame
-    name: str
+    index: int
     dim: int
-
-    @property
-    def where(self) -> str:
-        return f"{self.fqn}.{self.name}" if self.fqn else self.name
+    source: str  # e.g. L['self']._modules['fc']._parameters['weight'] (for messages)
 
 
 def _dynamo_frame():
@@ -260,6 +260,11 @@ def _source(node: torch.fx.Node):
     if src is None:
         src = getattr(node.meta.get("grapharg"), "source", None)
     return src
+
+
+def _describe(node: torch.fx.Node) -> str:
+    src = _source(node)
+    return src.name if src is not None else node.name
 
 
 def _resolve(tx, source) -> Any:
@@ -286,127 +291,185 @@ def _root_module(source, tx, cache: dict) -> nn.Module | None:
     return None
 
 
-def _owners(weights: dict[int, tuple[torch.fx.Node, nn.Parameter]]) -> dict[int, tuple[nn.Module, str, str]]:
-    """``{input index: (module, fqn, name)}``, matched by the identity of the Parameter objects."""
-    from fx_spectral.nn import SUPPORTED_MODULES
-
+def _compile_roots(nodes: list[torch.fx.Node]) -> list[nn.Module]:
+    """The root modules of the frame dynamo is compiling: where the weights' sources start, then its locals."""
     tx = _dynamo_frame()
+    if tx is None:
+        return []
     roots: list[nn.Module] = []
-    if tx is not None:
-        cache: dict = {}
-        for node, _ in weights.values():
-            root = _root_module(_source(node), tx, cache)
-            if root is not None and all(root is not r for r in roots):
-                roots.append(root)
-        # fallback for sources we could not follow: every module among the frame's locals
-        local_modules = [m for m in getattr(tx, "f_locals", {}).values() if isinstance(m, nn.Module)]
-        roots += [m for m in local_modules if all(m is not r for r in roots)]
-    table: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for root in roots:
-        for fqn, module in root.named_modules(remove_duplicate=False):
-            for name, p in module._parameters.items():
-                if p is not None:
-                    table.setdefault(id(p), []).append((module, fqn, name))
-    owners = {}
-    for i, (_, param) in weights.items():
-        found = table.get(id(param), [])
-        # a tied parameter (embedding + LM head) belongs to the Linear/Conv that consumes it
-        found = [c for c in found if isinstance(c[0], SUPPORTED_MODULES)] or found
-        if found:
-            owners[i] = found[0]
-    return owners
+    cache: dict = {}
+    for node in nodes:
+        root = _root_module(_source(node), tx, cache)
+        if root is not None and all(root is not r for r in roots):
+            roots.append(root)
+    local_modules = [m for m in getattr(tx, "f_locals", {}).values() if isinstance(m, nn.Module)]
+    return roots + [m for m in local_modules if all(m is not r for r in roots)]
 
 
 def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> list[_Slot]:
-    """The weights of ``gm`` to normalize (reads the graph, changes nothing)."""
-    from fx_spectral.graph.rewrite import find_weight_uses
-    from fx_spectral.nn import is_spectral_normalized
+    """The Parameter inputs of ``gm`` that feed a linear / conv / conv_transpose op as its weight.
+
+    Directly or through an activation-checkpoint subgraph. Reads the graph, changes nothing; warns
+    about the weights it cannot normalize (a plain tensor, conflicting dims, an opaque subgraph).
+    """
+    from fx_spectral.graph.rewrite import find_weight_uses_nested
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(example_inputs), "dynamo passes one example input per placeholder"
     index = {n: i for i, n in enumerate(placeholders)}
-    weights, dims, unowned = {}, {}, []
-    for w, uses in find_weight_uses(gm.graph).items():
+    uses, opaque = find_weight_uses_nested(gm)
+    slots = []
+    for w, consumers in uses.items():
         if w.op != "placeholder":
             continue  # computed in the graph, e.g. W / sigma of a module the eager API normalizes
         param = example_inputs[index[w]]
         if not isinstance(param, nn.Parameter):
-            unowned.append((w, uses[0][0]))
-            continue
-        weights[index[w]] = (w, param)
-        dims[index[w]] = {d for _, d in uses}
-    owners = _owners(weights) if weights else {}
-    slots = []
-    for i, (w, param) in weights.items():
-        if i not in owners:
-            unowned.append((w, None))
-            continue
-        module, fqn, name = owners[i]
-        if name not in config.name or is_spectral_normalized(module, name):
-            continue
-        if config.filter_fn is not None and not config.filter_fn(module, fqn):
-            continue
-        if len(dims[i]) != 1:
             warnings.warn(
-                f"spectral backend: {fqn}.{name} feeds ops with different output dims {sorted(dims[i])}; "
+                f"spectral backend: the weight input {_describe(w)} of {consumers[0][0].name} is not an "
+                "nn.Parameter; left unnormalized (normalize it with fx_spectral.spectral_norm, or compile the "
+                "module that owns it)",
+                stacklevel=4,
+            )
+            continue
+        dims = {d for _, d in consumers}
+        if len(dims) != 1:
+            warnings.warn(
+                f"spectral backend: {_describe(w)} feeds ops with different output dims {sorted(dims)}; "
                 "left unnormalized",
                 stacklevel=4,
             )
             continue
         if not param.is_floating_point() or param.dim() < 2:
             continue
-        slots.append(_Slot(i, module, fqn, name, dims[i].pop()))
-    for w, op in unowned:
-        src = _source(w)
-        what = src.name if src is not None else w.name
+        slots.append(_Slot(index[w], dims.pop(), _describe(w)))
+    for node in opaque:
         warnings.warn(
-            f"spectral backend: the weight input {what} "
-            + (
-                f"of {op.name} is not an nn.Parameter"
-                if op is not None
-                else "is a Parameter of no module reachable from the compiled frame"
-            )
-            + "; left unnormalized (normalize it with fx_spectral.spectral_norm, or compile the module that owns it)",
+            f"spectral backend: {node.name} ({node.target}) runs a subgraph that uses some of its inputs as "
+            "weights; the backend only rewrites activation-checkpoint subgraphs, so those weights are left "
+            "unnormalized (normalize them with fx_spectral.spectral_norm)",
             stacklevel=4,
         )
-    return slots
+    return sorted(slots, key=lambda s: s.index)
 
 
-def _ensure_uv(slots: list[_Slot], example_inputs: list, eps: float) -> None:
-    """Create the float32 u/v buffers the slots need (16 warm-up iterations, as the eager API); reuse existing ones.
+# --------------------------------------------------------------------------------------------
+# State: u/v on the owning modules
+# --------------------------------------------------------------------------------------------
+
+
+def _ensure_uv(todo: list[tuple[nn.Module, str, str, int, torch.Tensor]], eps: float) -> None:
+    """Create the float32 u/v buffers of ``(module, fqn, name, dim, weight)`` (16 warm-up iterations, as the
+    eager API); reuse existing ones. Validates everything before registering anything.
 
     Existing u/v of another floating dtype (after ``model.double()``) are converted back to float32.
     """
     from fx_spectral.nn import _init_uv, weight_matrix
 
-    todo, recast = [], []
-    for s in slots:
-        rows, cols = weight_matrix(example_inputs[s.index].detach(), s.dim).shape
-        have = [s.module._buffers.get(s.name + k) for k in ("_u", "_v")]
+    create, recast = [], []
+    for module, fqn, name, dim, weight in todo:
+        where = f"{fqn}.{name}" if fqn else name
+        rows, cols = weight_matrix(weight.detach(), dim).shape
+        have = [module._buffers.get(name + k) for k in ("_u", "_v")]
         if have == [None, None]:
             for k in ("_u", "_v"):
-                if hasattr(s.module, s.name + k):
+                if hasattr(module, name + k):
                     raise ValueError(
-                        f"spectral backend: {s.where}: cannot add buffer {s.name + k!r}: "
+                        f"spectral backend: {where}: cannot add buffer {name + k!r}: "
                         "the module already has an attribute of that name"
                     )
-            todo.append(s)
+            create.append((module, name, dim, weight))
             continue
         for t, n, k in zip(have, (rows, cols), ("_u", "_v")):
             if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and tuple(t.shape) == (n,)):
                 got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
-                raise ValueError(f"spectral backend: {s.where}{k} must be a float32 vector of length {n}, got {got}")
+                raise ValueError(f"spectral backend: {where}{k} must be a float32 vector of length {n}, got {got}")
             if t.dtype != torch.float32:
-                recast.append((s.module, s.name + k))
+                recast.append((module, name + k))
     for module, key in recast:
         # NB: model.to(dtype) / .half() also converted u/v (plain modules do not protect them as the
         # eager API's do): put them back in float32, in place of the converted buffers.
         module._buffers[key] = module._buffers[key].float()
-    for s in todo:
-        u, v = _init_uv(example_inputs[s.index], s.dim, eps)
-        # NB: registers {name}_u / {name}_v on the owning module: part of model.state_dict() from now on.
-        s.module.register_buffer(s.name + "_u", u)
-        s.module.register_buffer(s.name + "_v", v)
+    with torch.inference_mode(False):  # a first call under inference_mode must not create inference tensors
+        for module, name, dim, weight in create:
+            u, v = _init_uv(weight, dim, eps)
+            # NB: registers {name}_u / {name}_v on the owning module: part of model.state_dict() from now on.
+            module.register_buffer(name + "_u", u)
+            module.register_buffer(name + "_v", v)
+
+
+def _wanted(config: SpectralBackendConfig, module: nn.Module, fqn: str, name: str) -> bool:
+    from fx_spectral.nn import is_spectral_normalized
+
+    if name not in config.name or is_spectral_normalized(module, name):
+        return False
+    return config.filter_fn is None or bool(config.filter_fn(module, fqn))
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    name: str | tuple[str, ...] = "weight",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    eps: float = 1e-12,
+) -> nn.Module:
+    r"""Create now the u/v buffers the backend creates at the first call, so a checkpoint loads strictly before it.
+
+    Registers float32 buffers ``{name}_u`` / ``{name}_v`` (16 warm-up power iterations on the
+    weight, as at the backend's first call) on every ``nn.Linear`` / ``ConvNd`` / ``ConvTransposeNd``
+    of ``model`` the backend would normalize; u/v that exist already are kept. Then
+    ``model.load_state_dict(checkpoint)`` (``strict=True``) of a checkpoint saved by the backend,
+    the eager API or :func:`fx_spectral.transform` finds every key it expects:
+
+    .. math:: u \in \mathbb{R}^{W_{mat}.\mathrm{rows}}, \quad v \in \mathbb{R}^{W_{mat}.\mathrm{cols}}, \quad
+              W_{mat} = \mathrm{flatten}_1(\mathrm{movedim}(W, dim, 0))
+
+    ``dim`` is 1 for ConvTranspose, else 0. Weights the eager API already normalizes are skipped.
+    Lazy modules that have not run yet (no shape) are skipped with a warning. Weights that are
+    not held by one of these layer types (a custom module calling ``F.linear(x, self.w)``) are not
+    covered: for those, run one call in eval mode (creates u/v, no update) before loading.
+
+    NB: mutates ``model`` (adds buffers); returns it.
+
+    Args:
+        model: the model to be compiled with ``backend="spectral"``.
+        name: the parameter name(s) the backend normalizes. Default ``"weight"``.
+        filter_fn: ``filter_fn(module, fqn) -> bool``, ``fqn`` relative to ``model``: the backend's
+            filter, when it uses one.
+        eps: guard for the vector norms during the warm-up iterations.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> prepare(model).load_state_dict(checkpoint)  # doctest: +SKIP
+        >>> compiled = torch.compile(model, backend="spectral")  # doctest: +SKIP
+    """
+    return _prepare(model, SpectralBackendConfig(inner="eager", name=name, filter_fn=filter_fn, eps=eps))
+
+
+def _prepare(model: nn.Module, config: SpectralBackendConfig) -> nn.Module:
+    from fx_spectral.nn import SUPPORTED_MODULES, default_dim
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"spectral backend: prepare expects an nn.Module, got {type(model).__name__}")
+    todo = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, SUPPORTED_MODULES):
+            continue
+        for n in config.name:
+            p = module._parameters.get(n)
+            if p is None or not _wanted(config, module, fqn, n):
+                continue
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                warnings.warn(
+                    f"spectral backend: prepare: {fqn}.{n} is a Lazy parameter that has not run yet; its u/v are "
+                    "created at its first call (run one forward before loading a checkpoint)",
+                    stacklevel=3,
+                )
+                continue
+            if p.is_floating_point() and p.dim() >= 2:
+                todo.append((module, fqn, n, default_dim(module), p))
+    _ensure_uv(todo, config.eps)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,27 +489,36 @@ def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 
 def _rewritten(
-    gm: torch.fx.GraphModule, slots: list[_Slot], training: tuple[bool, ...], config: SpectralBackendConfig
+    gm: torch.fx.GraphModule,
+    slots: list[_Slot],
+    labels: list[str],
+    mode: tuple[bool | None, ...],
+    config: SpectralBackendConfig,
 ) -> torch.fx.GraphModule:
-    """``gm`` with its weights normalized and u/v as extra inputs after the original ones."""
-    from fx_spectral.graph.rewrite import find_weight_uses, rewrite_weight
+    """``gm`` with the weights of ``mode`` (True: training, False: eval, None: left alone) normalized.
+
+    The u/v of the normalized weights are extra inputs, after the original ones, in slot order.
+    A weight that reaches its op through an activation-checkpoint subgraph is normalized outside
+    it: the higher-order op receives ``W / sigma`` in place of ``W`` (its subgraph is not edited).
+    """
+    from fx_spectral.graph.rewrite import find_weight_uses_nested, insert_normalization
 
     graph = _copy_graph(gm.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    active = [(s, label, train) for s, label, train in zip(slots, labels, mode) if train is not None]
     last, uv = placeholders[-1], []
-    for s in slots:
+    for _, label, _ in active:
         for k in ("_u", "_v"):
             with graph.inserting_after(last):
-                last = graph.placeholder(re.sub(r"\W|^(?=\d)", "_", f"{s.where}{k}"))
+                last = graph.placeholder(re.sub(r"\W|^(?=\d)", "_", f"{label}{k}"))
             uv.append(last)
-    uses = find_weight_uses(graph)
+    uses, _ = find_weight_uses_nested(gm, graph)
     # each weight's nodes go right after the placeholders: in reverse, so they read in graph order
-    for j, (s, train) in reversed(list(enumerate(zip(slots, training)))):
+    for j, (s, _, train) in reversed(list(enumerate(active))):
         w = placeholders[s.index]
-        rewrite_weight(
+        new = insert_normalization(
             graph,
             w,
-            [op for op, _ in uses[w]],
             uv[2 * j],
             uv[2 * j + 1],
             dim=s.dim,
@@ -454,10 +526,14 @@ def _rewritten(
             eps=config.eps,
             training=train,
         )
+        # NB: one W / sigma (one power iteration) for every use: a Linear called twice, or a weight
+        # passed into a checkpointed subgraph
+        for consumer in dict.fromkeys(op for op, _ in uses[w]):
+            consumer.replace_input_with(w, new)
     graph.lint()
-    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
-    return new
+    new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new_gm.meta.update(gm.meta)
+    return new_gm
 
 
 def _inner_compile(config: SpectralBackendConfig, gm: torch.fx.GraphModule, inputs: list, dynamic: bool) -> Callable:
@@ -476,42 +552,131 @@ def _inner_compile(config: SpectralBackendConfig, gm: torch.fx.GraphModule, inpu
     return lookup_backend(config.inner)(gm, inputs)
 
 
-class _SpectralGraph:
-    """What dynamo calls: picks the train or eval variant and appends u/v read from the owning modules.
+_MAX_BINDINGS = 4096
 
-    The variant for the modules' current modes is compiled with the graph; the other one at its
-    first call (with that call's inputs: dynamo guards on their shapes, so they stand for all calls
-    of this graph), or with the graph too when its shapes are dynamic.
+
+class _Binding:
+    """The owners of one set of weight Parameters, as ``(index, ref, name, u key, v key, normalize)``.
+
+    ``ref`` is a weakref to the owning module (to the Parameter itself when no owner was found,
+    with ``name`` None). :meth:`state` revalidates the owners on every call: one dict lookup and an
+    identity test per weight.
     """
 
-    def __init__(self, gm, example_inputs, slots, config, dynamic):
+    __slots__ = ("entries",)
+
+    def __init__(self, entries: tuple):
+        self.entries = entries
+
+    def state(self, args: tuple) -> tuple[tuple[bool | None, ...], list[torch.Tensor]] | None:
+        """``(mode, u/v tensors)`` for this call; None when an owner no longer holds its Parameter."""
+        mode, uv = [], []
+        for i, ref, name, ku, kv, on in self.entries:
+            if name is None:
+                if ref() is not args[i]:
+                    return None
+                mode.append(None)
+                continue
+            module = ref()
+            if module is None or module._parameters.get(name) is not args[i]:
+                return None
+            if not on:
+                mode.append(None)
+                continue
+            u, v = module._buffers.get(ku), module._buffers.get(kv)
+            if u is None or v is None:
+                return None
+            mode.append(module.training)
+            uv += (u, v)
+        return tuple(mode), uv
+
+
+class _SpectralGraph:
+    """What dynamo calls: finds the owners of this call's weights, picks a variant, appends their u/v.
+
+    Dynamo runs this one graph for every module instance whose code and guards match the one it was
+    compiled for (N identical blocks, two instances of a model), each time with *that* instance's
+    Parameters. So the owning modules, their u/v and their ``.training`` are resolved per call from
+    the Parameter objects (:mod:`fx_spectral.graph.owners`), cached by their ``id`` and revalidated
+    on every call (:class:`_Binding`). A variant is compiled per mode tuple (per weight: True
+    training, False eval, None left alone): the one of the first call with the graph, the others at
+    their first call (with that call's inputs: dynamo guards on their shapes, so they stand for all
+    calls of this graph), or with the graph too when its shapes are dynamic.
+    """
+
+    def __init__(self, gm, example_inputs, slots, config, dynamic, roots):
         self.gm, self.slots, self.config, self.dynamic = gm, slots, config, dynamic
-        self._uv_keys = [(s.module, s.name + "_u", s.name + "_v") for s in slots]
-        self.variants: dict[tuple[bool, ...], Callable] = {}
-        modes = [self._mode()] + ([(True,) * len(slots), (False,) * len(slots)] if dynamic else [])
-        for mode in dict.fromkeys(modes):
-            self._compile(mode, list(example_inputs), _static_fakes(self._uv()))
+        self._index = tuple(s.index for s in slots)
+        self._bindings: dict[tuple[int, ...], _Binding] = {}
+        self._warned: set[int] = set()
+        self.variants: dict[tuple[bool | None, ...], Callable] = {}
+        key = tuple(id(example_inputs[i]) for i in self._index)
+        binding = self._bind(key, example_inputs, roots, sys._getframe(1))
+        # u/v placeholder names: the weights' fqn.name at compile time (fc_weight_u); arbitrary otherwise
+        self.labels = [
+            f"{fqn}.{name}" if fqn else (name or f"input{s.index}")
+            for s, (fqn, name) in zip(slots, self._first_owners)
+        ]
+        mode, uv = binding.state(tuple(example_inputs))
+        modes = [mode]
+        if dynamic:
+            modes += [tuple(None if m is None else t for m in mode) for t in (True, False)]
+        for m in dict.fromkeys(modes):
+            self._compile(m, list(example_inputs), _static_fakes(uv))
 
-    def _mode(self) -> tuple[bool, ...]:
-        return tuple(s.module.training for s in self.slots)
+    def _bind(self, key, args, roots=(), frame=None) -> _Binding:
+        from fx_spectral.graph.owners import find_owners
 
-    def _uv(self) -> list[torch.Tensor]:
-        out = []
-        for module, ku, kv in self._uv_keys:
-            out += (module._buffers[ku], module._buffers[kv])
-        return out
+        params = [args[i] for i in self._index]
+        owners = find_owners(params, roots, frame if frame is not None else sys._getframe(2))
+        entries, todo, first = [], [], []
+        for s, p, owner in zip(self.slots, params, owners):
+            if owner is None:
+                self._warn_unowned(s, p)
+                entries.append((s.index, weakref.ref(p), None, None, None, False))
+                first.append(("", None))
+                continue
+            module, fqn, name = owner
+            on = _wanted(self.config, module, fqn, name)
+            if on:
+                todo.append((module, fqn, name, s.dim, p))
+            entries.append((s.index, weakref.ref(module), name, name + "_u", name + "_v", on))
+            first.append((fqn, name))
+        _ensure_uv(todo, self.config.eps)
+        if not hasattr(self, "_first_owners"):
+            self._first_owners = first
+        if len(self._bindings) >= _MAX_BINDINGS:  # Parameter sets that died; their ids are stale keys
+            self._bindings.clear()
+        binding = self._bindings[key] = _Binding(tuple(entries))
+        return binding
 
-    def _compile(self, mode: tuple[bool, ...], inputs: list, uv: list) -> Callable:
-        gm = _rewritten(self.gm, self.slots, mode, self.config)
+    def _warn_unowned(self, slot: _Slot, param: torch.Tensor) -> None:
+        if slot.index in self._warned:
+            return
+        self._warned.add(slot.index)
+        warnings.warn(
+            f"spectral backend: the weight input {slot.source} (shape {tuple(param.shape)}) is a Parameter of no "
+            "module in reach (the compiled frame, the calling frames, the modules seen at compile time); it is left "
+            "unnormalized (normalize it with fx_spectral.spectral_norm, or compile the module that owns it)",
+            stacklevel=3,
+        )
+
+    def _compile(self, mode: tuple[bool | None, ...], inputs: list, uv: list) -> Callable:
+        gm = _rewritten(self.gm, self.slots, self.labels, mode, self.config)
         fn = self.variants[mode] = _inner_compile(self.config, gm, inputs + uv, self.dynamic)
         return fn
 
     def __call__(self, *args):
-        mode = self._mode()
+        binding = self._bindings.get(tuple([id(args[i]) for i in self._index]))
+        state = None if binding is None else binding.state(args)
+        if state is None:  # Parameters not seen before (another instance), or an owner changed
+            key = tuple([id(args[i]) for i in self._index])
+            state = self._bind(key, args).state(args)
+        mode, uv = state
         fn = self.variants.get(mode)
         if fn is None:
-            fn = self._compile(mode, list(args), self._uv())
-        return fn(*args, *self._uv())  # dynamo's convention: unboxed, even where fn has _boxed_call
+            fn = self._compile(mode, list(args), uv)
+        return fn(*args, *uv)  # dynamo's convention: unboxed, even where fn has _boxed_call
 
 
 def _static_fakes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -541,12 +706,16 @@ def _is_dynamic(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
 
 def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> Callable:
     """Normalize the weights of one dynamo graph and compile it with the inner backend."""
+    from fx_spectral.graph.owners import remember_roots
+
     dynamic = _is_dynamic(gm, example_inputs)
     slots = _plan(gm, example_inputs, config)
     if not slots:
         return _inner_compile(config, gm, example_inputs, dynamic)
-    _ensure_uv(slots, example_inputs, config.eps)
-    return _SpectralGraph(gm, example_inputs, slots, config, dynamic)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roots = _compile_roots([placeholders[s.index] for s in slots])
+    remember_roots(roots)
+    return _SpectralGraph(gm, example_inputs, slots, config, dynamic, roots)
 
 
 def _register() -> None:
