@@ -358,3 +358,39 @@ def test_one_weight_feeding_two_ops_gets_one_normalization_for_both():
     u2, v2 = u.clone(), v.clone()
     normalize_weight(w, u2, v2, n_power_iterations=1)
     assert not torch.allclose(u2, u, atol=1e-4), "one and two iterations agree: the check above proves nothing"
+
+
+@pytest.mark.parametrize("policy", ["SelectiveAC", "FullAC"])
+def test_torchtitan_apply_ac_then_apply_compile(policy):
+    """TorchTitan's own activation checkpointing (its default per-op selective policy, or full) and
+    its per-block apply_compile, with backend="spectral": every block matches the eager API."""
+    pytest.importorskip("torchtitan")
+    pytest.importorskip("fx_spectral.integrations.torchtitan")  # lets TorchTitan's models import without triton
+    from torchtitan.config import CompileConfig
+    from torchtitan.distributed import activation_checkpoint as titan_ac
+    from torchtitan.distributed.compile import apply_compile
+
+    class _Dims:  # apply_compile only asks whether tensor parallelism is on
+        tp_enabled = False
+
+    model = Stack(Block)
+    ref = copy.deepcopy(model)
+    cls = getattr(titan_ac, policy)
+    cnt = CompileCounterWithBackend(backend(inner="aot_eager"))
+    # apply_compile sets global dynamo flags and apply() turns dynamo's LRU cache off: restore both after
+    with torch._dynamo.config.patch(
+        capture_scalar_outputs=True, skip_fwd_side_effects_in_bwd_under_checkpoint=True
+    ):
+        try:
+            cls(cls.Config()).apply(model)
+            apply_compile(model, compile_config=CompileConfig(enable=True, backend=cnt), parallel_dims=_Dims())
+            x = torch.randn(4, 6, requires_grad=True)
+            _first_call_eval(model, x)
+            fx_spectral.apply_spectral_norm(ref)
+            ref.load_state_dict(model.state_dict())  # the wrappers' state_dict has the plain keys
+            owners = [(f"layers.{i}._checkpoint_wrapped_module.{fc}", "weight") for i in range(N_BLOCKS)
+                      for fc in ("fc1", "fc2")]
+            check_against_eager([(model, model, ref)], x, expected_owners=owners)
+        finally:
+            torch._C._dynamo.eval_frame._set_lru_cache(True)
+    assert cnt.frame_count < N_BLOCKS, "every block got its own graph: the test proves nothing"

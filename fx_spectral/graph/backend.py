@@ -4,22 +4,28 @@ r"""The torch.compile backend ``"spectral"``: spectral normalization of every we
 
 ``torch.compile(model, backend="spectral")`` hands each graph dynamo captures to this backend. The
 backend finds every parameter that feeds a linear / conv / conv_transpose op, rewrites the graph so
-the op gets ``W / sigma`` (:func:`fx_spectral.graph.rewrite.rewrite_weight`, the same nodes as the
+the op gets ``W / sigma`` (:func:`fx_spectral.graph.rewrite.insert_normalization`, the same nodes as the
 FX transform), and compiles the result with an inner backend (inductor by default).
 
 How weights are found. Dynamo hands the model's parameters to the backend as graph inputs: the
-``example_inputs`` are the user's real ``nn.Parameter`` objects. Each input's dynamo source (e.g.
-``L['self']._modules['fc']._parameters['weight']``) leads to the root module of the compiled frame
-(``L['self']``, or ``L['args'][0]`` for a model wrapped by a decorator); the root's
-``named_modules()`` then give ``id(param) -> (module, fqn, name)``, and a weight is matched to its
-owner by the *identity* of the Parameter object, never by the source name alone. A parameter shared
-by several modules (tied weights) goes to the Linear / Conv / ConvTranspose that holds it.
+``example_inputs`` are the user's real ``nn.Parameter`` objects. The weights are the Parameter
+inputs that feed a linear / conv / conv_transpose op, directly or inside an activation-checkpoint
+subgraph (``tag_activation_checkpoint``: those are normalized *outside* the checkpointed region,
+and the higher-order op receives ``W / sigma``). Each weight is matched to the module that owns it
+by the *identity* of the Parameter object (:mod:`fx_spectral.graph.owners`), never by a name.
 
-State. u/v are float32 buffers ``{name}_u`` / ``{name}_v`` registered once on the owning module
-(16 warm-up iterations, as :func:`fx_spectral.spectral_norm` does), so ``model.state_dict()`` has the
-same keys as with the eager API and a checkpoint moves between the two. The compiled graph takes
-u/v as *extra inputs*, read from the owning module at every call: ``.to()``, ``load_state_dict`` and
-recompiles keep working.
+Per call, not per compile. Dynamo reuses one compiled graph for every instance of a class (N
+identical blocks compiled one by one, two instances of a model, a block after a graph break), each
+time with that instance's Parameters. So the owners (and their u/v and ``.training``) are resolved
+from the Parameters of each call: searched once per new set of Parameters, cached by their ``id``
+and revalidated at every call with one dict lookup per weight.
+
+State. u/v are float32 buffers ``{name}_u`` / ``{name}_v`` registered on the owning module the
+first time a graph runs for it (16 warm-up iterations, as :func:`fx_spectral.spectral_norm` does),
+or up front by :func:`prepare` (so a checkpoint loads strictly before the first call).
+``model.state_dict()`` has the same keys as with the eager API and a checkpoint moves between the
+two. The compiled graph takes u/v as *extra inputs*, read from the owning module at every call:
+``.to()``, ``load_state_dict`` and recompiles keep working.
 
 Train / eval. Dynamo does not recompile on ``model.eval()`` unless ``forward`` reads
 ``self.training``; the backend compiles a training variant (power-iteration update, u/v written in
