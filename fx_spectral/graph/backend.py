@@ -577,23 +577,25 @@ class _Binding:
     def state(self, args: tuple) -> tuple[tuple[bool | None, ...], list[torch.Tensor]] | None:
         """``(mode, u/v tensors)`` for this call; None when an owner no longer holds its Parameter."""
         mode, uv = [], []
+        add_mode, add_uv = mode.append, uv.append
         for i, ref, name, ku, kv, on in self.entries:
-            if name is None:
-                if ref() is not args[i]:
+            target = ref()
+            if name is None:  # no owner was found: ref is the Parameter's own weakref
+                if target is not args[i]:
                     return None
-                mode.append(None)
-                continue
-            module = ref()
-            if module is None or module._parameters.get(name) is not args[i]:
+                add_mode(None)
+            elif target is None or target._parameters.get(name) is not args[i]:
                 return None
-            if not on:
-                mode.append(None)
-                continue
-            u, v = module._buffers.get(ku), module._buffers.get(kv)
-            if u is None or v is None:
-                return None
-            mode.append(module.training)
-            uv += (u, v)
+            elif on:
+                buffers = target._buffers
+                u, v = buffers.get(ku), buffers.get(kv)
+                if u is None or v is None:
+                    return None
+                add_mode(target.training)
+                add_uv(u)
+                add_uv(v)
+            else:
+                add_mode(None)
         return tuple(mode), uv
 
 
@@ -673,10 +675,10 @@ class _SpectralGraph:
         return fn
 
     def __call__(self, *args):
-        binding = self._bindings.get(tuple([id(args[i]) for i in self._index]))
+        key = tuple([id(args[i]) for i in self._index])
+        binding = self._bindings.get(key)
         state = None if binding is None else binding.state(args)
         if state is None:  # Parameters not seen before (another instance), or an owner changed
-            key = tuple([id(args[i]) for i in self._index])
             state = self._bind(key, args).state(args)
         mode, uv = state
         fn = self.variants.get(mode)
