@@ -394,3 +394,22 @@ def test_torchtitan_apply_ac_then_apply_compile(policy):
         finally:
             torch._C._dynamo.eval_frame._set_lru_cache(True)
     assert cnt.frame_count < N_BLOCKS, "every block got its own graph: the test proves nothing"
+
+
+def test_find_weight_uses_nested_follows_checkpoint_bodies_and_reports_other_subgraphs():
+    from fx_spectral.graph.rewrite import find_weight_uses_nested
+
+    def body_fn(x, w, wt):
+        return F.conv_transpose1d(F.linear(x, w).unsqueeze(0), wt)
+
+    root = nn.Module()
+    root.body = torch.fx.symbolic_trace(body_fn)
+    graph = torch.fx.Graph()
+    x, w, wt = graph.placeholder("x"), graph.placeholder("w"), graph.placeholder("wt")
+    body = graph.get_attr("body")
+    ckpt = graph.call_function(torch.ops.higher_order.tag_activation_checkpoint, (body, x, w, wt), {})
+    other = graph.call_function(torch.ops.higher_order.invoke_subgraph, (body, "id", x, w, wt), {})
+    graph.output((ckpt, other))
+    uses, opaque = find_weight_uses_nested(torch.fx.GraphModule(root, graph))
+    assert uses == {w: [(ckpt, 0)], wt: [(ckpt, 1)]}  # conv_transpose: dim 1, from inside the body
+    assert opaque == [other]
