@@ -413,3 +413,17 @@ def test_find_weight_uses_nested_follows_checkpoint_bodies_and_reports_other_sub
     uses, opaque = find_weight_uses_nested(torch.fx.GraphModule(root, graph))
     assert uses == {w: [(ckpt, 0)], wt: [(ckpt, 1)]}  # conv_transpose: dim 1, from inside the body
     assert opaque == [other]
+
+
+def test_filter_fn_is_asked_per_owner_on_a_shared_graph():
+    model = Stack(Block)
+    ref = copy.deepcopy(model)
+    skip = model.layers[1].fc1  # the blocks share one graph; this weight alone stays raw
+    cnt = CompileCounterWithBackend(backend(inner="aot_eager", filter_fn=lambda m, fqn: m is not skip))
+    for block in model.layers:
+        block.compile(backend=cnt)
+    x = torch.randn(4, 6, requires_grad=True)
+    _first_call_eval(model, x)
+    owners = [o for o in BLOCK_OWNERS if o[0] != "layers.1.fc1"]
+    check_against_eager([(model, model, _eager_reference(model, ref))], x, expected_owners=owners)
+    assert cnt.frame_count == 1
