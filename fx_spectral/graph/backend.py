@@ -36,15 +36,15 @@ picks one at each call from the owning modules' ``.training``.
 from __future__ import annotations
 
 import dataclasses
-import re
-import sys
 import warnings
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from fx_spectral.graph.compiled import Slot, SpectralGraph, inner_compile
+from fx_spectral.graph.owners import ensure_uv, remember_roots, wanted
 
 __all__ = ["SpectralBackendConfig", "backend", "prepare", "spectral_backend"]
 
@@ -242,15 +242,6 @@ def spectral_backend(gm: torch.fx.GraphModule, example_inputs: list, **options) 
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-    """One weight input of a graph: its position among the placeholders, its ``dim``, its dynamo source."""
-
-    index: int
-    dim: int
-    source: str  # e.g. L['self']._modules['fc']._parameters['weight'] (for messages)
-
-
 def _dynamo_frame():
     """The instruction translator of the frame dynamo is compiling, None outside dynamo (private API)."""
     try:
@@ -312,7 +303,7 @@ def _compile_roots(nodes: list[torch.fx.Node]) -> list[nn.Module]:
     return roots + [m for m in local_modules if all(m is not r for r in roots)]
 
 
-def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> list[_Slot]:
+def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> list[Slot]:
     """The Parameter inputs of ``gm`` that feed a linear / conv / conv_transpose op as its weight.
 
     Directly or through an activation-checkpoint subgraph. Reads the graph, changes nothing; warns
@@ -347,7 +338,7 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
             continue
         if not param.is_floating_point() or param.dim() < 2:
             continue
-        slots.append(_Slot(index[w], dims.pop(), _describe(w)))
+        slots.append(Slot(index[w], dims.pop(), _describe(w)))
     for node in opaque:
         warnings.warn(
             f"spectral backend: {node.name} ({node.target}) runs a subgraph that uses some of its inputs as "
@@ -361,54 +352,6 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
 # --------------------------------------------------------------------------------------------
 # State: u/v on the owning modules
 # --------------------------------------------------------------------------------------------
-
-
-def _ensure_uv(todo: list[tuple[nn.Module, str, str, int, torch.Tensor]], eps: float) -> None:
-    """Create the float32 u/v buffers of ``(module, fqn, name, dim, weight)`` (16 warm-up iterations, as the
-    eager API); reuse existing ones. Validates everything before registering anything.
-
-    Existing u/v of another floating dtype (after ``model.double()``) are converted back to float32.
-    """
-    from fx_spectral.nn import _init_uv, weight_matrix
-
-    create, recast = [], []
-    for module, fqn, name, dim, weight in todo:
-        where = f"{fqn}.{name}" if fqn else name
-        rows, cols = weight_matrix(weight.detach(), dim).shape
-        have = [module._buffers.get(name + k) for k in ("_u", "_v")]
-        if have == [None, None]:
-            for k in ("_u", "_v"):
-                if hasattr(module, name + k):
-                    raise ValueError(
-                        f"spectral backend: {where}: cannot add buffer {name + k!r}: "
-                        "the module already has an attribute of that name"
-                    )
-            create.append((module, name, dim, weight))
-            continue
-        for t, n, k in zip(have, (rows, cols), ("_u", "_v")):
-            if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and tuple(t.shape) == (n,)):
-                got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
-                raise ValueError(f"spectral backend: {where}{k} must be a float32 vector of length {n}, got {got}")
-            if t.dtype != torch.float32:
-                recast.append((module, name + k))
-    for module, key in recast:
-        # NB: model.to(dtype) / .half() also converted u/v (plain modules do not protect them as the
-        # eager API's do): put them back in float32, in place of the converted buffers.
-        module._buffers[key] = module._buffers[key].float()
-    with torch.inference_mode(False):  # a first call under inference_mode must not create inference tensors
-        for module, name, dim, weight in create:
-            u, v = _init_uv(weight, dim, eps)
-            # NB: registers {name}_u / {name}_v on the owning module: part of model.state_dict() from now on.
-            module.register_buffer(name + "_u", u)
-            module.register_buffer(name + "_v", v)
-
-
-def _wanted(config: SpectralBackendConfig, module: nn.Module, fqn: str, name: str) -> bool:
-    from fx_spectral.nn import is_spectral_normalized
-
-    if name not in config.name or is_spectral_normalized(module, name):
-        return False
-    return config.filter_fn is None or bool(config.filter_fn(module, fqn))
 
 
 def prepare(
@@ -463,7 +406,7 @@ def _prepare(model: nn.Module, config: SpectralBackendConfig) -> nn.Module:
             continue
         for n in config.name:
             p = module._parameters.get(n)
-            if p is None or not _wanted(config, module, fqn, n):
+            if p is None or not wanted(config, module, fqn, n):
                 continue
             if isinstance(p, nn.parameter.UninitializedParameter):
                 warnings.warn(
@@ -474,230 +417,13 @@ def _prepare(model: nn.Module, config: SpectralBackendConfig) -> nn.Module:
                 continue
             if p.is_floating_point() and p.dim() >= 2:
                 todo.append((module, fqn, n, default_dim(module), p))
-    _ensure_uv(todo, config.eps)
+    ensure_uv(todo, config.eps)
     return model
 
 
 # --------------------------------------------------------------------------------------------
-# Rewriting and compiling
+# Compiling one dynamo graph
 # --------------------------------------------------------------------------------------------
-
-
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    """A copy of ``graph`` (dynamo shares ``gm.graph`` with its OutputGraph: never edit it)."""
-    new = torch.fx.Graph()
-    new._codegen = graph._codegen
-    old_out = graph.output_node()
-    out = new.graph_copy(graph, {})
-    new_out = new.output(out, type_expr=old_out.type)
-    new_out.meta = dict(old_out.meta)
-    return new
-
-
-def _rewritten(
-    gm: torch.fx.GraphModule,
-    slots: list[_Slot],
-    labels: list[str],
-    mode: tuple[bool | None, ...],
-    config: SpectralBackendConfig,
-) -> torch.fx.GraphModule:
-    """``gm`` with the weights of ``mode`` (True: training, False: eval, None: left alone) normalized.
-
-    The u/v of the normalized weights are extra inputs, after the original ones, in slot order.
-    A weight that reaches its op through an activation-checkpoint subgraph is normalized outside
-    it: the higher-order op receives ``W / sigma`` in place of ``W`` (its subgraph is not edited).
-    """
-    from fx_spectral.graph.rewrite import find_weight_uses_nested, insert_normalization
-
-    graph = _copy_graph(gm.graph)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    active = [(s, label, train) for s, label, train in zip(slots, labels, mode) if train is not None]
-    last, uv = placeholders[-1], []
-    for _, label, _ in active:
-        for k in ("_u", "_v"):
-            with graph.inserting_after(last):
-                last = graph.placeholder(re.sub(r"\W|^(?=\d)", "_", f"{label}{k}"))
-            uv.append(last)
-    uses, _ = find_weight_uses_nested(gm, graph)
-    # each weight's nodes go right after the placeholders: in reverse, so they read in graph order
-    for j, (s, _, train) in reversed(list(enumerate(active))):
-        w = placeholders[s.index]
-        new = insert_normalization(
-            graph,
-            w,
-            uv[2 * j],
-            uv[2 * j + 1],
-            dim=s.dim,
-            n_power_iterations=config.n_power_iterations,
-            eps=config.eps,
-            training=train,
-        )
-        # NB: one W / sigma (one power iteration) for every use: a Linear called twice, or a weight
-        # passed into a checkpointed subgraph
-        for consumer in dict.fromkeys(op for op, _ in uses[w]):
-            consumer.replace_input_with(w, new)
-    graph.lint()
-    new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new_gm.meta.update(gm.meta)
-    return new_gm
-
-
-def _inner_compile(config: SpectralBackendConfig, gm: torch.fx.GraphModule, inputs: list, dynamic: bool) -> Callable:
-    if config._inductor:
-        from torch._inductor.compile_fx import compile_fx
-
-        patches = {}
-        if config.mode is not None:
-            from torch._inductor import list_mode_options
-
-            patches.update(list_mode_options(config.mode, dynamic))
-        patches.update(config.inner_options)
-        return compile_fx(gm, inputs, config_patches=patches) if patches else compile_fx(gm, inputs)
-    from torch._dynamo.backends.registry import lookup_backend
-
-    return lookup_backend(config.inner)(gm, inputs)
-
-
-_MAX_BINDINGS = 4096
-
-
-class _Binding:
-    """The owners of one set of weight Parameters, as ``(index, ref, name, u key, v key, normalize)``.
-
-    ``ref`` is a weakref to the owning module (to the Parameter itself when no owner was found,
-    with ``name`` None). :meth:`state` revalidates the owners on every call: one dict lookup and an
-    identity test per weight.
-    """
-
-    __slots__ = ("entries",)
-
-    def __init__(self, entries: tuple):
-        self.entries = entries
-
-    def state(self, args: tuple) -> tuple[tuple[bool | None, ...], list[torch.Tensor]] | None:
-        """``(mode, u/v tensors)`` for this call; None when an owner no longer holds its Parameter."""
-        mode, uv = [], []
-        add_mode, add_uv = mode.append, uv.append
-        for i, ref, name, ku, kv, on in self.entries:
-            target = ref()
-            if name is None:  # no owner was found: ref is the Parameter's own weakref
-                if target is not args[i]:
-                    return None
-                add_mode(None)
-            elif target is None or target._parameters.get(name) is not args[i]:
-                return None
-            elif on:
-                buffers = target._buffers
-                u, v = buffers.get(ku), buffers.get(kv)
-                if u is None or v is None:
-                    return None
-                add_mode(target.training)
-                add_uv(u)
-                add_uv(v)
-            else:
-                add_mode(None)
-        return tuple(mode), uv
-
-
-class _SpectralGraph:
-    """What dynamo calls: finds the owners of this call's weights, picks a variant, appends their u/v.
-
-    Dynamo runs this one graph for every module instance whose code and guards match the one it was
-    compiled for (N identical blocks, two instances of a model), each time with *that* instance's
-    Parameters. So the owning modules, their u/v and their ``.training`` are resolved per call from
-    the Parameter objects (:mod:`fx_spectral.graph.owners`), cached by their ``id`` and revalidated
-    on every call (:class:`_Binding`). A variant is compiled per mode tuple (per weight: True
-    training, False eval, None left alone): the one of the first call with the graph, the others at
-    their first call (with that call's inputs: dynamo guards on their shapes, so they stand for all
-    calls of this graph), or with the graph too when its shapes are dynamic.
-    """
-
-    def __init__(self, gm, example_inputs, slots, config, dynamic, roots):
-        self.gm, self.slots, self.config, self.dynamic = gm, slots, config, dynamic
-        self._index = tuple(s.index for s in slots)
-        self._bindings: dict[tuple[int, ...], _Binding] = {}
-        self._warned: set[int] = set()
-        self.variants: dict[tuple[bool | None, ...], Callable] = {}
-        key = tuple(id(example_inputs[i]) for i in self._index)
-        binding = self._bind(key, example_inputs, roots, sys._getframe(1))
-        # u/v placeholder names: the weights' fqn.name at compile time (fc_weight_u); arbitrary otherwise
-        self.labels = [
-            f"{fqn}.{name}" if fqn else (name or f"input{s.index}")
-            for s, (fqn, name) in zip(slots, self._first_owners)
-        ]
-        mode, uv = binding.state(tuple(example_inputs))
-        modes = [mode]
-        if dynamic:
-            modes += [tuple(None if m is None else t for m in mode) for t in (True, False)]
-        for m in dict.fromkeys(modes):
-            self._compile(m, list(example_inputs), _static_fakes(uv))
-
-    def _bind(self, key, args, roots=(), frame=None) -> _Binding:
-        from fx_spectral.graph.owners import find_owners
-
-        params = [args[i] for i in self._index]
-        owners = find_owners(params, roots, frame if frame is not None else sys._getframe(2))
-        entries, todo, first = [], [], []
-        for s, p, owner in zip(self.slots, params, owners):
-            if owner is None:
-                self._warn_unowned(s, p)
-                entries.append((s.index, weakref.ref(p), None, None, None, False))
-                first.append(("", None))
-                continue
-            module, fqn, name = owner
-            on = _wanted(self.config, module, fqn, name)
-            if on:
-                todo.append((module, fqn, name, s.dim, p))
-            entries.append((s.index, weakref.ref(module), name, name + "_u", name + "_v", on))
-            first.append((fqn, name))
-        _ensure_uv(todo, self.config.eps)
-        if not hasattr(self, "_first_owners"):
-            self._first_owners = first
-        if len(self._bindings) >= _MAX_BINDINGS:  # Parameter sets that died; their ids are stale keys
-            self._bindings.clear()
-        binding = self._bindings[key] = _Binding(tuple(entries))
-        return binding
-
-    def _warn_unowned(self, slot: _Slot, param: torch.Tensor) -> None:
-        if slot.index in self._warned:
-            return
-        self._warned.add(slot.index)
-        warnings.warn(
-            f"spectral backend: the weight input {slot.source} (shape {tuple(param.shape)}) is a Parameter of no "
-            "module in reach (the compiled frame, the calling frames, the modules seen at compile time); it is left "
-            "unnormalized (normalize it with fx_spectral.spectral_norm, or compile the module that owns it)",
-            stacklevel=3,
-        )
-
-    def _compile(self, mode: tuple[bool | None, ...], inputs: list, uv: list) -> Callable:
-        gm = _rewritten(self.gm, self.slots, self.labels, mode, self.config)
-        fn = self.variants[mode] = _inner_compile(self.config, gm, inputs + uv, self.dynamic)
-        return fn
-
-    def __call__(self, *args):
-        key = tuple([id(args[i]) for i in self._index])
-        binding = self._bindings.get(key)
-        state = None if binding is None else binding.state(args)
-        if state is None:  # Parameters not seen before (another instance), or an owner changed
-            state = self._bind(key, args).state(args)
-        mode, uv = state
-        fn = self.variants.get(mode)
-        if fn is None:
-            fn = self._compile(mode, list(args), uv)
-        return fn(*args, *uv)  # dynamo's convention: unboxed, even where fn has _boxed_call
-
-
-def _static_fakes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` as static-shape fake tensors of dynamo's fake mode (real ones outside dynamo).
-
-    aot_autograd gives a real input that dynamo did not fakify fresh *symbolic* sizes; u/v would
-    then make inductor emit dynamic-shape kernels and, where they meet the batch dimension, make
-    dynamo specialize a graph compiled with ``dynamic=True``.
-    """
-    ctx = torch._guards.TracingContext.try_get()
-    if ctx is None or ctx.fake_mode is None:
-        return tensors
-    return [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
 def _is_dynamic(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
@@ -714,16 +440,14 @@ def _is_dynamic(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
 
 def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> Callable:
     """Normalize the weights of one dynamo graph and compile it with the inner backend."""
-    from fx_spectral.graph.owners import remember_roots
-
     dynamic = _is_dynamic(gm, example_inputs)
     slots = _plan(gm, example_inputs, config)
     if not slots:
-        return _inner_compile(config, gm, example_inputs, dynamic)
+        return inner_compile(config, gm, example_inputs, dynamic)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     roots = _compile_roots([placeholders[s.index] for s in slots])
     remember_roots(roots)
-    return _SpectralGraph(gm, example_inputs, slots, config, dynamic, roots)
+    return SpectralGraph(gm, example_inputs, slots, config, dynamic, roots)
 
 
 def _register() -> None:
@@ -743,3 +467,4 @@ def _register() -> None:
 
 
 _register()
+

@@ -1,4 +1,4 @@
-"""Which module owns a Parameter: found from the Parameter object itself, on the modules in reach.
+"""Which module owns a Parameter (found from the Parameter object itself), and its u/v buffers.
 
 Dynamo reuses one compiled graph for every instance of a class: parameters are graph *inputs*, so
 the graph compiled for ``block_0`` also runs ``block_1``, another instance of the model, or the
@@ -17,7 +17,7 @@ with, matched by identity against the modules it can reach:
 Each root's ``named_modules()`` maps ``id(parameter) -> (module, fqn, name)``; a parameter held by
 several modules (tied embedding and LM head) goes to the Linear / Conv / ConvTranspose among them.
 The search runs only when a graph meets Parameter objects it has not seen; the result is cached by
-the caller (``fx_spectral.graph.backend``) and validated at every call with one dict lookup per
+the caller (:mod:`fx_spectral.graph.compiled`) and validated at every call with one dict lookup per
 weight (``module._parameters[name] is param``).
 """
 
@@ -32,7 +32,7 @@ from types import FrameType
 import torch
 from torch import nn
 
-__all__ = ["find_owners", "remember_roots"]
+__all__ = ["ensure_uv", "find_owners", "remember_roots", "wanted"]
 
 _MAX_FRAMES = 200
 
@@ -121,3 +121,61 @@ def find_owners(
     # NB: several entries of `params` may be the same tensor; all get its owner.
     by_id = {id(p): o for p, o in zip(params, found) if o is not None}
     return [by_id.get(id(p)) for p in params]
+
+
+# --------------------------------------------------------------------------------------------
+# State: u/v on the owning modules
+# --------------------------------------------------------------------------------------------
+
+
+def ensure_uv(todo: list[tuple[nn.Module, str, str, int, torch.Tensor]], eps: float) -> None:
+    """Create the float32 u/v buffers of ``(module, fqn, name, dim, weight)`` (16 warm-up iterations, as the
+    eager API); reuse existing ones. Validates everything before registering anything.
+
+    Existing u/v of another floating dtype (after ``model.double()``) are converted back to float32.
+    """
+    from fx_spectral.nn import _init_uv, weight_matrix
+
+    create, recast = [], []
+    for module, fqn, name, dim, weight in todo:
+        where = f"{fqn}.{name}" if fqn else name
+        rows, cols = weight_matrix(weight.detach(), dim).shape
+        have = [module._buffers.get(name + k) for k in ("_u", "_v")]
+        if have == [None, None]:
+            for k in ("_u", "_v"):
+                if hasattr(module, name + k):
+                    raise ValueError(
+                        f"spectral backend: {where}: cannot add buffer {name + k!r}: "
+                        "the module already has an attribute of that name"
+                    )
+            create.append((module, name, dim, weight))
+            continue
+        for t, n, k in zip(have, (rows, cols), ("_u", "_v")):
+            if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and tuple(t.shape) == (n,)):
+                got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+                raise ValueError(f"spectral backend: {where}{k} must be a float32 vector of length {n}, got {got}")
+            if t.dtype != torch.float32:
+                recast.append((module, name + k))
+    for module, key in recast:
+        # NB: model.to(dtype) / .half() also converted u/v (plain modules do not protect them as the
+        # eager API's do): put them back in float32, in place of the converted buffers.
+        module._buffers[key] = module._buffers[key].float()
+    with torch.inference_mode(False):  # a first call under inference_mode must not create inference tensors
+        for module, name, dim, weight in create:
+            u, v = _init_uv(weight, dim, eps)
+            # NB: registers {name}_u / {name}_v on the owning module: part of model.state_dict() from now on.
+            module.register_buffer(name + "_u", u)
+            module.register_buffer(name + "_v", v)
+
+
+def wanted(config, module: nn.Module, fqn: str, name: str) -> bool:
+    """Whether the backend configured by ``config`` normalizes parameter ``name`` of ``module`` (at ``fqn``).
+
+    Its ``name`` must be one of ``config.name``, the eager API must not normalize it already, and
+    ``config.filter_fn(module, fqn)`` (if any) must say yes.
+    """
+    from fx_spectral.nn import is_spectral_normalized
+
+    if name not in config.name or is_spectral_normalized(module, name):
+        return False
+    return config.filter_fn is None or bool(config.filter_fn(module, fqn))
