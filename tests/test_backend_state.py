@@ -410,9 +410,9 @@ def test_find_weight_uses_nested_follows_checkpoint_bodies_and_reports_other_sub
     ckpt = graph.call_function(torch.ops.higher_order.tag_activation_checkpoint, (body, x, w, wt), {})
     other = graph.call_function(torch.ops.higher_order.invoke_subgraph, (body, "id", x, w, wt), {})
     graph.output((ckpt, other))
-    uses, opaque = find_weight_uses_nested(torch.fx.GraphModule(root, graph))
+    uses, opaque, mixed = find_weight_uses_nested(torch.fx.GraphModule(root, graph))
     assert uses == {w: [(ckpt, 0)], wt: [(ckpt, 1)]}  # conv_transpose: dim 1, from inside the body
-    assert opaque == [other]
+    assert opaque == [other] and mixed == []
 
 
 def test_filter_fn_is_asked_per_owner_on_a_shared_graph():
@@ -427,3 +427,18 @@ def test_filter_fn_is_asked_per_owner_on_a_shared_graph():
     owners = [o for o in BLOCK_OWNERS if o[0] != "layers.1.fc1"]
     check_against_eager([(model, model, _eager_reference(model, ref))], x, expected_owners=owners)
     assert cnt.frame_count == 1
+
+
+class _ReadsItsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + self.fc.weight.square().sum()  # a second, non-linear read of the weight
+
+
+def test_other_reads_of_a_weight_inside_a_checkpointed_region_are_warned_about():
+    model = Checkpointed(_ReadsItsWeight(), selective=False)
+    with pytest.warns(UserWarning, match=r"also read by ops other than its linear / conv op.*W / sigma too"):
+        torch.compile(model, backend=backend(inner="aot_eager"))(torch.randn(2, 4))

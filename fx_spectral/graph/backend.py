@@ -314,7 +314,7 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(example_inputs), "dynamo passes one example input per placeholder"
     index = {n: i for i, n in enumerate(placeholders)}
-    uses, opaque = find_weight_uses_nested(gm)
+    uses, opaque, mixed = find_weight_uses_nested(gm)
     slots = []
     for w, consumers in uses.items():
         if w.op != "placeholder":
@@ -339,6 +339,13 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
         if not param.is_floating_point() or param.dim() < 2:
             continue
         slots.append(Slot(index[w], dims.pop(), _describe(w)))
+    for node, ph in mixed:
+        warnings.warn(
+            f"spectral backend: inside the checkpointed subgraph of {node.name}, {ph.name} is also read by ops "
+            "other than its linear / conv op; the weight is normalized outside the subgraph, so those reads see "
+            "W / sigma too (without checkpointing they would see the raw W)",
+            stacklevel=4,
+        )
     for node in opaque:
         warnings.warn(
             f"spectral backend: {node.name} ({node.target}) runs a subgraph that uses some of its inputs as "

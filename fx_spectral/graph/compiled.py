@@ -73,7 +73,7 @@ def _rewritten(
             with graph.inserting_after(last):
                 last = graph.placeholder(re.sub(r"\W|^(?=\d)", "_", f"{label}{k}"))
             uv.append(last)
-    uses, _ = find_weight_uses_nested(gm, graph)
+    uses, _, _ = find_weight_uses_nested(gm, graph)
     # each weight's nodes go right after the placeholders: in reverse, so they read in graph order
     for j, (s, _, train) in reversed(list(enumerate(active))):
         w = placeholders[s.index]

@@ -350,7 +350,7 @@ def _get_path(module: nn.Module, target: str) -> object:
 
 def find_weight_uses_nested(
     gm: torch.fx.GraphModule, graph: Graph | None = None
-) -> tuple[dict[Node, list[tuple[Node, int]]], list[Node]]:
+) -> tuple[dict[Node, list[tuple[Node, int]]], list[Node], list[tuple[Node, Node]]]:
     """:func:`find_weight_uses` that also looks inside the subgraphs of activation-checkpoint ops.
 
     A dynamo graph of a block under ``torch.utils.checkpoint`` holds
@@ -364,11 +364,14 @@ def find_weight_uses_nested(
     targets resolve in ``gm``.
 
     Returns:
-        ``(uses, opaque)``: ``uses`` as in :func:`find_weight_uses` (a higher-order op appears once
-        per use inside its body); ``opaque``: the other higher-order op nodes whose subgraphs use a
-        placeholder as a weight (e.g. ``invoke_subgraph``): weights reaching those are not in ``uses``.
+        ``(uses, opaque, mixed)``: ``uses`` as in :func:`find_weight_uses` (a higher-order op appears
+        once per use inside its body); ``opaque``: the other higher-order op nodes whose subgraphs use
+        a placeholder as a weight (e.g. ``invoke_subgraph``): weights reaching those are not in
+        ``uses``; ``mixed``: ``(higher-order op, body placeholder)`` pairs where the body also reads
+        a weight placeholder for something other than a weight op (fed ``W / sigma``, it sees that).
     """
     opaque: list[Node] = []
+    mixed: list[tuple[Node, Node]] = []
 
     def visit(module: nn.Module, graph: Graph) -> dict[Node, list[tuple[Node, int]]]:
         uses = find_weight_uses(graph)
@@ -388,12 +391,14 @@ def find_weight_uses_nested(
                     for ph, operand in zip(placeholders, operands):
                         if ph in inner and isinstance(operand, Node):
                             uses.setdefault(operand, []).extend((node, d) for _, d in inner[ph])
+                            if set(ph.users) - {op for op, _ in inner[ph]}:
+                                mixed.append((node, ph))
                     continue
             if any(_uses_placeholder_weights(b, visit) for b in bodies):
                 opaque.append(node)
         return uses
 
-    return visit(gm, gm.graph if graph is None else graph), opaque
+    return visit(gm, gm.graph if graph is None else graph), opaque, mixed
 
 
 def _uses_placeholder_weights(body: torch.fx.GraphModule, visit) -> bool:
