@@ -76,13 +76,16 @@ class Checkpointed(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self, make_block):
+    def __init__(self, make_block, graph_break: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(make_block() for _ in range(N_BLOCKS))
+        self.graph_break = graph_break
 
     def forward(self, x):
         for layer in self.layers:
             x = layer(x)
+            if self.graph_break:
+                torch._dynamo.graph_break()
         return x
 
 
@@ -227,9 +230,10 @@ class _Plain(nn.Module):
         return x
 
 
-def test_repeated_block_with_a_graph_break_uses_its_own_state():
+@pytest.mark.parametrize("where", ["in_block", "in_model"])
+def test_repeated_block_with_a_graph_break_uses_its_own_state(where):
     cnt = CompileCounterWithBackend(backend(inner="aot_eager"))
-    model = Stack(lambda: Block(graph_break=True))
+    model = Stack(lambda: Block(graph_break=where == "in_block"), graph_break=where == "in_model")
     ref = copy.deepcopy(model)
     compiled = torch.compile(model, backend=cnt)
     x = torch.randn(4, 6, requires_grad=True)
