@@ -470,3 +470,44 @@ def test_compiled_transform_follows_train_and_eval():
         torch.testing.assert_close(compiled(x), ref(x), **TOL)
         assert torch.equal(gm.get_submodule("0").weight_u, u_before) is (not mode)
         torch.testing.assert_close(gm.get_submodule("0").weight_u, ref.get_submodule("0").weight_u, **TOL)
+
+
+def test_transform_of_a_model_in_eval_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    eager = copy.deepcopy(model)
+    fx_spectral.apply_spectral_norm(eager)
+    gm = transform(model)  # used to raise AttributeError: no attribute '_graph'
+    assert not gm.training
+    assert "copy_" not in gm.code and "copy_" in gm.train_code  # runs the eval graph; both exist
+    eager.load_state_dict(gm.state_dict())
+    x = torch.randn(3, 4)
+    before = {k: t.clone() for k, t in gm.state_dict().items()}
+    torch.testing.assert_close(gm(x), eager(x), **TOL)
+    assert all(torch.equal(t, before[k]) for k, t in gm.state_dict().items()), "eval updated u/v"
+    gm.train(), eager.train()
+    for _ in range(2):
+        torch.testing.assert_close(gm(x), eager(x), **TOL)
+    torch.testing.assert_close(gm.state_dict(), eager.state_dict(), **TOL)
+
+
+def test_spectral_pass_on_decomposed_conv_transpose_uses_dim_1():
+    """aten.convolution(transposed=True) after run_decompositions: the weight is (in, out, *k); dim=1."""
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(3, 5, (2, 3), stride=2)
+    x = torch.randn(2, 3, 4, 4)
+    ep = torch.export.export(nn.Sequential(layer), (x,)).run_decompositions()
+    gm = ep.module()
+    (conv,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default]
+    assert conv.args[6] is True  # transposed
+    ref = torch_spectral_norm(copy.deepcopy(layer))  # torch's default dim for ConvTranspose: 1
+    spectral_pass(gm)
+    owner = gm.get_submodule("0")
+    assert owner.weight_u.shape == (5,) and owner.weight_v.shape == (3 * 2 * 3,)
+    sn = ref.parametrizations.weight[0]
+    sn._u.copy_(owner.weight_u)
+    sn._v.copy_(owner.weight_v)
+    for _ in range(2):
+        torch.testing.assert_close(gm(x), ref(x), **TOL)
+    torch.testing.assert_close(owner.weight_u, sn._u, **TOL)
+    torch.testing.assert_close(owner.weight_v, sn._v, **TOL)

@@ -4,22 +4,28 @@ r"""The torch.compile backend ``"spectral"``: spectral normalization of every we
 
 ``torch.compile(model, backend="spectral")`` hands each graph dynamo captures to this backend. The
 backend finds every parameter that feeds a linear / conv / conv_transpose op, rewrites the graph so
-the op gets ``W / sigma`` (:func:`fx_spectral.graph.rewrite.rewrite_weight`, the same nodes as the
+the op gets ``W / sigma`` (:func:`fx_spectral.graph.rewrite.insert_normalization`, the same nodes as the
 FX transform), and compiles the result with an inner backend (inductor by default).
 
 How weights are found. Dynamo hands the model's parameters to the backend as graph inputs: the
-``example_inputs`` are the user's real ``nn.Parameter`` objects. Each input's dynamo source (e.g.
-``L['self']._modules['fc']._parameters['weight']``) leads to the root module of the compiled frame
-(``L['self']``, or ``L['args'][0]`` for a model wrapped by a decorator); the root's
-``named_modules()`` then give ``id(param) -> (module, fqn, name)``, and a weight is matched to its
-owner by the *identity* of the Parameter object, never by the source name alone. A parameter shared
-by several modules (tied weights) goes to the Linear / Conv / ConvTranspose that holds it.
+``example_inputs`` are the user's real ``nn.Parameter`` objects. The weights are the Parameter
+inputs that feed a linear / conv / conv_transpose op, directly or inside an activation-checkpoint
+subgraph (``tag_activation_checkpoint``: those are normalized *outside* the checkpointed region,
+and the higher-order op receives ``W / sigma``). Each weight is matched to the module that owns it
+by the *identity* of the Parameter object (:mod:`fx_spectral.graph.owners`), never by a name.
 
-State. u/v are float32 buffers ``{name}_u`` / ``{name}_v`` registered once on the owning module
-(16 warm-up iterations, as :func:`fx_spectral.spectral_norm` does), so ``model.state_dict()`` has the
-same keys as with the eager API and a checkpoint moves between the two. The compiled graph takes
-u/v as *extra inputs*, read from the owning module at every call: ``.to()``, ``load_state_dict`` and
-recompiles keep working.
+Per call, not per compile. Dynamo reuses one compiled graph for every instance of a class (N
+identical blocks compiled one by one, two instances of a model, a block after a graph break), each
+time with that instance's Parameters. So the owners (and their u/v and ``.training``) are resolved
+from the Parameters of each call: searched once per new set of Parameters, cached by their ``id``
+and revalidated at every call with one dict lookup per weight.
+
+State. u/v are float32 buffers ``{name}_u`` / ``{name}_v`` registered on the owning module the
+first time a graph runs for it (16 warm-up iterations, as :func:`fx_spectral.spectral_norm` does),
+or up front by :func:`prepare` (so a checkpoint loads strictly before the first call).
+``model.state_dict()`` has the same keys as with the eager API and a checkpoint moves between the
+two. The compiled graph takes u/v as *extra inputs*, read from the owning module at every call:
+``.to()``, ``load_state_dict`` and recompiles keep working.
 
 Train / eval. Dynamo does not recompile on ``model.eval()`` unless ``forward`` reads
 ``self.training``; the backend compiles a training variant (power-iteration update, u/v written in
@@ -30,7 +36,6 @@ picks one at each call from the owning modules' ``.training``.
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,7 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SpectralBackendConfig", "backend", "spectral_backend"]
+from fx_spectral.graph.compiled import Slot, SpectralGraph, inner_compile
+from fx_spectral.graph.owners import ensure_uv, remember_roots, wanted
+
+__all__ = ["SpectralBackendConfig", "backend", "prepare", "spectral_backend"]
 
 BACKEND_NAME = "spectral"
 
@@ -114,6 +122,10 @@ class SpectralBackend:
 
     def __hash__(self) -> int:
         return hash((SpectralBackend, id(self.config)))
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """:func:`prepare` with this backend's ``name``, ``filter_fn`` and ``eps``: u/v now, for a strict load."""
+        return _prepare(model, self.config)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, **options) -> Callable:
         if options:
@@ -226,23 +238,8 @@ def spectral_backend(gm: torch.fx.GraphModule, example_inputs: list, **options) 
 
 
 # --------------------------------------------------------------------------------------------
-# Which module owns each weight
+# The weights of a graph
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-    """One weight to normalize: its graph input, the module owning it, its ``dim``."""
-
-    index: int  # position of the weight among the graph's placeholders
-    module: nn.Module
-    fqn: str  # of the module, relative to the root module of the compiled frame
-    name: str
-    dim: int
-
-    @property
-    def where(self) -> str:
-        return f"{self.fqn}.{self.name}" if self.fqn else self.name
 
 
 def _dynamo_frame():
@@ -260,6 +257,11 @@ def _source(node: torch.fx.Node):
     if src is None:
         src = getattr(node.meta.get("grapharg"), "source", None)
     return src
+
+
+def _describe(node: torch.fx.Node) -> str:
+    src = _source(node)
+    return src.name if src is not None else node.name
 
 
 def _resolve(tx, source) -> Any:
@@ -286,245 +288,149 @@ def _root_module(source, tx, cache: dict) -> nn.Module | None:
     return None
 
 
-def _owners(weights: dict[int, tuple[torch.fx.Node, nn.Parameter]]) -> dict[int, tuple[nn.Module, str, str]]:
-    """``{input index: (module, fqn, name)}``, matched by the identity of the Parameter objects."""
-    from fx_spectral.nn import SUPPORTED_MODULES
-
+def _compile_roots(nodes: list[torch.fx.Node]) -> list[nn.Module]:
+    """The root modules of the frame dynamo is compiling: where the weights' sources start, then its locals."""
     tx = _dynamo_frame()
+    if tx is None:
+        return []
     roots: list[nn.Module] = []
-    if tx is not None:
-        cache: dict = {}
-        for node, _ in weights.values():
-            root = _root_module(_source(node), tx, cache)
-            if root is not None and all(root is not r for r in roots):
-                roots.append(root)
-        # fallback for sources we could not follow: every module among the frame's locals
-        local_modules = [m for m in getattr(tx, "f_locals", {}).values() if isinstance(m, nn.Module)]
-        roots += [m for m in local_modules if all(m is not r for r in roots)]
-    table: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for root in roots:
-        for fqn, module in root.named_modules(remove_duplicate=False):
-            for name, p in module._parameters.items():
-                if p is not None:
-                    table.setdefault(id(p), []).append((module, fqn, name))
-    owners = {}
-    for i, (_, param) in weights.items():
-        found = table.get(id(param), [])
-        # a tied parameter (embedding + LM head) belongs to the Linear/Conv that consumes it
-        found = [c for c in found if isinstance(c[0], SUPPORTED_MODULES)] or found
-        if found:
-            owners[i] = found[0]
-    return owners
+    cache: dict = {}
+    for node in nodes:
+        root = _root_module(_source(node), tx, cache)
+        if root is not None and all(root is not r for r in roots):
+            roots.append(root)
+    local_modules = [m for m in getattr(tx, "f_locals", {}).values() if isinstance(m, nn.Module)]
+    return roots + [m for m in local_modules if all(m is not r for r in roots)]
 
 
-def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> list[_Slot]:
-    """The weights of ``gm`` to normalize (reads the graph, changes nothing)."""
-    from fx_spectral.graph.rewrite import find_weight_uses
-    from fx_spectral.nn import is_spectral_normalized
+def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> list[Slot]:
+    """The Parameter inputs of ``gm`` that feed a linear / conv / conv_transpose op as its weight.
+
+    Directly or through an activation-checkpoint subgraph. Reads the graph, changes nothing; warns
+    about the weights it cannot normalize (a plain tensor, conflicting dims, an opaque subgraph).
+    """
+    from fx_spectral.graph.rewrite import find_weight_uses_nested
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == len(example_inputs), "dynamo passes one example input per placeholder"
     index = {n: i for i, n in enumerate(placeholders)}
-    weights, dims, unowned = {}, {}, []
-    for w, uses in find_weight_uses(gm.graph).items():
+    uses, opaque, mixed = find_weight_uses_nested(gm)
+    slots = []
+    for w, consumers in uses.items():
         if w.op != "placeholder":
             continue  # computed in the graph, e.g. W / sigma of a module the eager API normalizes
         param = example_inputs[index[w]]
         if not isinstance(param, nn.Parameter):
-            unowned.append((w, uses[0][0]))
-            continue
-        weights[index[w]] = (w, param)
-        dims[index[w]] = {d for _, d in uses}
-    owners = _owners(weights) if weights else {}
-    slots = []
-    for i, (w, param) in weights.items():
-        if i not in owners:
-            unowned.append((w, None))
-            continue
-        module, fqn, name = owners[i]
-        if name not in config.name or is_spectral_normalized(module, name):
-            continue
-        if config.filter_fn is not None and not config.filter_fn(module, fqn):
-            continue
-        if len(dims[i]) != 1:
             warnings.warn(
-                f"spectral backend: {fqn}.{name} feeds ops with different output dims {sorted(dims[i])}; "
+                f"spectral backend: the weight input {_describe(w)} of {consumers[0][0].name} is not an "
+                "nn.Parameter; left unnormalized (normalize it with fx_spectral.spectral_norm, or compile the "
+                "module that owns it)",
+                stacklevel=4,
+            )
+            continue
+        dims = {d for _, d in consumers}
+        if len(dims) != 1:
+            warnings.warn(
+                f"spectral backend: {_describe(w)} feeds ops with different output dims {sorted(dims)}; "
                 "left unnormalized",
                 stacklevel=4,
             )
             continue
         if not param.is_floating_point() or param.dim() < 2:
             continue
-        slots.append(_Slot(i, module, fqn, name, dims[i].pop()))
-    for w, op in unowned:
-        src = _source(w)
-        what = src.name if src is not None else w.name
+        slots.append(Slot(index[w], dims.pop(), _describe(w)))
+    for node, ph in mixed:
         warnings.warn(
-            f"spectral backend: the weight input {what} "
-            + (
-                f"of {op.name} is not an nn.Parameter"
-                if op is not None
-                else "is a Parameter of no module reachable from the compiled frame"
-            )
-            + "; left unnormalized (normalize it with fx_spectral.spectral_norm, or compile the module that owns it)",
+            f"spectral backend: inside the checkpointed subgraph of {node.name}, {ph.name} is also read by ops "
+            "other than its linear / conv op; the weight is normalized outside the subgraph, so those reads see "
+            "W / sigma too (without checkpointing they would see the raw W)",
             stacklevel=4,
         )
-    return slots
-
-
-def _ensure_uv(slots: list[_Slot], example_inputs: list, eps: float) -> None:
-    """Create the float32 u/v buffers the slots need (16 warm-up iterations, as the eager API); reuse existing ones.
-
-    Existing u/v of another floating dtype (after ``model.double()``) are converted back to float32.
-    """
-    from fx_spectral.nn import _init_uv, weight_matrix
-
-    todo, recast = [], []
-    for s in slots:
-        rows, cols = weight_matrix(example_inputs[s.index].detach(), s.dim).shape
-        have = [s.module._buffers.get(s.name + k) for k in ("_u", "_v")]
-        if have == [None, None]:
-            for k in ("_u", "_v"):
-                if hasattr(s.module, s.name + k):
-                    raise ValueError(
-                        f"spectral backend: {s.where}: cannot add buffer {s.name + k!r}: "
-                        "the module already has an attribute of that name"
-                    )
-            todo.append(s)
-            continue
-        for t, n, k in zip(have, (rows, cols), ("_u", "_v")):
-            if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and tuple(t.shape) == (n,)):
-                got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
-                raise ValueError(f"spectral backend: {s.where}{k} must be a float32 vector of length {n}, got {got}")
-            if t.dtype != torch.float32:
-                recast.append((s.module, s.name + k))
-    for module, key in recast:
-        # NB: model.to(dtype) / .half() also converted u/v (plain modules do not protect them as the
-        # eager API's do): put them back in float32, in place of the converted buffers.
-        module._buffers[key] = module._buffers[key].float()
-    for s in todo:
-        u, v = _init_uv(example_inputs[s.index], s.dim, eps)
-        # NB: registers {name}_u / {name}_v on the owning module: part of model.state_dict() from now on.
-        s.module.register_buffer(s.name + "_u", u)
-        s.module.register_buffer(s.name + "_v", v)
-
-
-# --------------------------------------------------------------------------------------------
-# Rewriting and compiling
-# --------------------------------------------------------------------------------------------
-
-
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    """A copy of ``graph`` (dynamo shares ``gm.graph`` with its OutputGraph: never edit it)."""
-    new = torch.fx.Graph()
-    new._codegen = graph._codegen
-    old_out = graph.output_node()
-    out = new.graph_copy(graph, {})
-    new_out = new.output(out, type_expr=old_out.type)
-    new_out.meta = dict(old_out.meta)
-    return new
-
-
-def _rewritten(
-    gm: torch.fx.GraphModule, slots: list[_Slot], training: tuple[bool, ...], config: SpectralBackendConfig
-) -> torch.fx.GraphModule:
-    """``gm`` with its weights normalized and u/v as extra inputs after the original ones."""
-    from fx_spectral.graph.rewrite import find_weight_uses, rewrite_weight
-
-    graph = _copy_graph(gm.graph)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    last, uv = placeholders[-1], []
-    for s in slots:
-        for k in ("_u", "_v"):
-            with graph.inserting_after(last):
-                last = graph.placeholder(re.sub(r"\W|^(?=\d)", "_", f"{s.where}{k}"))
-            uv.append(last)
-    uses = find_weight_uses(graph)
-    # each weight's nodes go right after the placeholders: in reverse, so they read in graph order
-    for j, (s, train) in reversed(list(enumerate(zip(slots, training)))):
-        w = placeholders[s.index]
-        rewrite_weight(
-            graph,
-            w,
-            [op for op, _ in uses[w]],
-            uv[2 * j],
-            uv[2 * j + 1],
-            dim=s.dim,
-            n_power_iterations=config.n_power_iterations,
-            eps=config.eps,
-            training=train,
+    for node in opaque:
+        warnings.warn(
+            f"spectral backend: {node.name} ({node.target}) runs a subgraph that uses some of its inputs as "
+            "weights; the backend only rewrites activation-checkpoint subgraphs, so those weights are left "
+            "unnormalized (normalize them with fx_spectral.spectral_norm)",
+            stacklevel=4,
         )
-    graph.lint()
-    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    new.meta.update(gm.meta)
-    return new
+    return sorted(slots, key=lambda s: s.index)
 
 
-def _inner_compile(config: SpectralBackendConfig, gm: torch.fx.GraphModule, inputs: list, dynamic: bool) -> Callable:
-    if config._inductor:
-        from torch._inductor.compile_fx import compile_fx
-
-        patches = {}
-        if config.mode is not None:
-            from torch._inductor import list_mode_options
-
-            patches.update(list_mode_options(config.mode, dynamic))
-        patches.update(config.inner_options)
-        return compile_fx(gm, inputs, config_patches=patches) if patches else compile_fx(gm, inputs)
-    from torch._dynamo.backends.registry import lookup_backend
-
-    return lookup_backend(config.inner)(gm, inputs)
+# --------------------------------------------------------------------------------------------
+# State: u/v on the owning modules
+# --------------------------------------------------------------------------------------------
 
 
-class _SpectralGraph:
-    """What dynamo calls: picks the train or eval variant and appends u/v read from the owning modules.
+def prepare(
+    model: nn.Module,
+    *,
+    name: str | tuple[str, ...] = "weight",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    eps: float = 1e-12,
+) -> nn.Module:
+    r"""Create now the u/v buffers the backend creates at the first call, so a checkpoint loads strictly before it.
 
-    The variant for the modules' current modes is compiled with the graph; the other one at its
-    first call (with that call's inputs: dynamo guards on their shapes, so they stand for all calls
-    of this graph), or with the graph too when its shapes are dynamic.
+    Registers float32 buffers ``{name}_u`` / ``{name}_v`` (16 warm-up power iterations on the
+    weight, as at the backend's first call) on every ``nn.Linear`` / ``ConvNd`` / ``ConvTransposeNd``
+    of ``model`` the backend would normalize; u/v that exist already are kept. Then
+    ``model.load_state_dict(checkpoint)`` (``strict=True``) of a checkpoint saved by the backend,
+    the eager API or :func:`fx_spectral.transform` finds every key it expects:
+
+    .. math:: u \in \mathbb{R}^{W_{mat}.\mathrm{rows}}, \quad v \in \mathbb{R}^{W_{mat}.\mathrm{cols}}, \quad
+              W_{mat} = \mathrm{flatten}_1(\mathrm{movedim}(W, dim, 0))
+
+    ``dim`` is 1 for ConvTranspose, else 0. Weights the eager API already normalizes are skipped.
+    Lazy modules that have not run yet (no shape) are skipped with a warning. Weights that are
+    not held by one of these layer types (a custom module calling ``F.linear(x, self.w)``) are not
+    covered: for those, run one call in eval mode (creates u/v, no update) before loading.
+
+    NB: mutates ``model`` (adds buffers); returns it.
+
+    Args:
+        model: the model to be compiled with ``backend="spectral"``.
+        name: the parameter name(s) the backend normalizes. Default ``"weight"``.
+        filter_fn: ``filter_fn(module, fqn) -> bool``, ``fqn`` relative to ``model``: the backend's
+            filter, when it uses one.
+        eps: guard for the vector norms during the warm-up iterations.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> prepare(model).load_state_dict(checkpoint)  # doctest: +SKIP
+        >>> compiled = torch.compile(model, backend="spectral")  # doctest: +SKIP
     """
-
-    def __init__(self, gm, example_inputs, slots, config, dynamic):
-        self.gm, self.slots, self.config, self.dynamic = gm, slots, config, dynamic
-        self._uv_keys = [(s.module, s.name + "_u", s.name + "_v") for s in slots]
-        self.variants: dict[tuple[bool, ...], Callable] = {}
-        modes = [self._mode()] + ([(True,) * len(slots), (False,) * len(slots)] if dynamic else [])
-        for mode in dict.fromkeys(modes):
-            self._compile(mode, list(example_inputs), _static_fakes(self._uv()))
-
-    def _mode(self) -> tuple[bool, ...]:
-        return tuple(s.module.training for s in self.slots)
-
-    def _uv(self) -> list[torch.Tensor]:
-        out = []
-        for module, ku, kv in self._uv_keys:
-            out += (module._buffers[ku], module._buffers[kv])
-        return out
-
-    def _compile(self, mode: tuple[bool, ...], inputs: list, uv: list) -> Callable:
-        gm = _rewritten(self.gm, self.slots, mode, self.config)
-        fn = self.variants[mode] = _inner_compile(self.config, gm, inputs + uv, self.dynamic)
-        return fn
-
-    def __call__(self, *args):
-        mode = self._mode()
-        fn = self.variants.get(mode)
-        if fn is None:
-            fn = self._compile(mode, list(args), self._uv())
-        return fn(*args, *self._uv())  # dynamo's convention: unboxed, even where fn has _boxed_call
+    return _prepare(model, SpectralBackendConfig(inner="eager", name=name, filter_fn=filter_fn, eps=eps))
 
 
-def _static_fakes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``tensors`` as static-shape fake tensors of dynamo's fake mode (real ones outside dynamo).
+def _prepare(model: nn.Module, config: SpectralBackendConfig) -> nn.Module:
+    from fx_spectral.nn import SUPPORTED_MODULES, default_dim
 
-    aot_autograd gives a real input that dynamo did not fakify fresh *symbolic* sizes; u/v would
-    then make inductor emit dynamic-shape kernels and, where they meet the batch dimension, make
-    dynamo specialize a graph compiled with ``dynamic=True``.
-    """
-    ctx = torch._guards.TracingContext.try_get()
-    if ctx is None or ctx.fake_mode is None:
-        return tensors
-    return [ctx.fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"spectral backend: prepare expects an nn.Module, got {type(model).__name__}")
+    todo = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, SUPPORTED_MODULES):
+            continue
+        for n in config.name:
+            p = module._parameters.get(n)
+            if p is None or not wanted(config, module, fqn, n):
+                continue
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                warnings.warn(
+                    f"spectral backend: prepare: {fqn}.{n} is a Lazy parameter that has not run yet; its u/v are "
+                    "created at its first call (run one forward before loading a checkpoint)",
+                    stacklevel=3,
+                )
+                continue
+            if p.is_floating_point() and p.dim() >= 2:
+                todo.append((module, fqn, n, default_dim(module), p))
+    ensure_uv(todo, config.eps)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Compiling one dynamo graph
+# --------------------------------------------------------------------------------------------
 
 
 def _is_dynamic(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
@@ -544,9 +450,11 @@ def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: Spect
     dynamic = _is_dynamic(gm, example_inputs)
     slots = _plan(gm, example_inputs, config)
     if not slots:
-        return _inner_compile(config, gm, example_inputs, dynamic)
-    _ensure_uv(slots, example_inputs, config.eps)
-    return _SpectralGraph(gm, example_inputs, slots, config, dynamic)
+        return inner_compile(config, gm, example_inputs, dynamic)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    roots = _compile_roots([placeholders[s.index] for s in slots])
+    remember_roots(roots)
+    return SpectralGraph(gm, example_inputs, slots, config, dynamic, roots)
 
 
 def _register() -> None:
@@ -566,3 +474,4 @@ def _register() -> None:
 
 
 _register()
+

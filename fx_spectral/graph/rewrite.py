@@ -36,8 +36,8 @@ from torch.fx import Graph, Node
 from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS, is_aten_op, weight_arg, weight_dim, weight_op
 
 __all__ = [
-    "NORMALIZED_META", "insert_normalization", "find_weight_uses", "rewrite_weight",
-    "lower_module_call", "lowering_blocker",
+    "NORMALIZED_META", "SUBGRAPH_HOPS", "insert_normalization", "find_weight_uses", "find_weight_uses_nested",
+    "rewrite_weight", "lower_module_call", "lowering_blocker",
 ]
 
 aten = torch.ops.aten
@@ -322,6 +322,87 @@ def find_weight_uses(graph: Graph) -> dict[Node, list[tuple[Node, int]]]:
         if isinstance(w, Node):
             uses.setdefault(w, []).append((node, weight_dim(node)))
     return uses
+
+
+#: Higher-order ops called as ``hop(body, *operands, **kwargs)`` that run the GraphModule ``body`` on
+#: ``operands`` (one body placeholder per operand): the ones dynamo emits for
+#: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (selective or not) and for ``wrap``.
+SUBGRAPH_HOPS: tuple[object, ...] = (torch.ops.higher_order.tag_activation_checkpoint, torch.ops.higher_order.wrap)
+
+
+def _subgraphs(module: nn.Module, node: Node) -> list[torch.fx.GraphModule]:
+    """The GraphModules ``node`` takes as ``get_attr`` arguments (the bodies of a higher-order op)."""
+    out = []
+    for a in node.args:
+        if isinstance(a, Node) and a.op == "get_attr":
+            body = _get_path(module, a.target)
+            if isinstance(body, torch.fx.GraphModule):
+                out.append(body)
+    return out
+
+
+def _get_path(module: nn.Module, target: str) -> object:
+    try:
+        return functools.reduce(getattr, target.split("."), module)
+    except AttributeError:
+        return None
+
+
+def find_weight_uses_nested(
+    gm: torch.fx.GraphModule, graph: Graph | None = None
+) -> tuple[dict[Node, list[tuple[Node, int]]], list[Node], list[tuple[Node, Node]]]:
+    """:func:`find_weight_uses` that also looks inside the subgraphs of activation-checkpoint ops.
+
+    A dynamo graph of a block under ``torch.utils.checkpoint`` holds
+    ``tag_activation_checkpoint(body, x, w1, b1, ...)``: the weights enter ``body`` as placeholders and
+    its linear / conv ops use them there. For every node ``w`` of ``gm.graph`` this returns the
+    consumers through which ``w`` reaches a weight op: the op itself, or the higher-order op node
+    (in :data:`SUBGRAPH_HOPS`) that passes ``w`` into a body that uses it as a weight (at any depth),
+    each with the weight's ``dim``. Feeding ``W / sigma`` to that higher-order op instead of ``W``
+    normalizes the weight *outside* the checkpointed region (computed once, never recomputed).
+    ``graph`` (default ``gm.graph``, e.g. a copy of it) is the graph searched; its ``get_attr``
+    targets resolve in ``gm``.
+
+    Returns:
+        ``(uses, opaque, mixed)``: ``uses`` as in :func:`find_weight_uses` (a higher-order op appears
+        once per use inside its body); ``opaque``: the other higher-order op nodes whose subgraphs use
+        a placeholder as a weight (e.g. ``invoke_subgraph``): weights reaching those are not in
+        ``uses``; ``mixed``: ``(higher-order op, body placeholder)`` pairs where the body also reads
+        a weight placeholder for something other than a weight op (fed ``W / sigma``, it sees that).
+    """
+    opaque: list[Node] = []
+    mixed: list[tuple[Node, Node]] = []
+
+    def visit(module: nn.Module, graph: Graph) -> dict[Node, list[tuple[Node, int]]]:
+        uses = find_weight_uses(graph)
+        for node in graph.nodes:
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+                continue
+            bodies = _subgraphs(module, node)
+            if not bodies:
+                continue
+            first = node.args[0] if node.args else None
+            if node.target in SUBGRAPH_HOPS and len(bodies) == 1 and isinstance(first, Node) and first.op == "get_attr":
+                body = bodies[0]
+                placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+                operands = node.args[1:]
+                if len(placeholders) == len(operands):
+                    inner = visit(body, body.graph)
+                    for ph, operand in zip(placeholders, operands):
+                        if ph in inner and isinstance(operand, Node):
+                            uses.setdefault(operand, []).extend((node, d) for _, d in inner[ph])
+                            if set(ph.users) - {op for op, _ in inner[ph]}:
+                                mixed.append((node, ph))
+                    continue
+            if any(_uses_placeholder_weights(b, visit) for b in bodies):
+                opaque.append(node)
+        return uses
+
+    return visit(gm, gm.graph if graph is None else graph), opaque, mixed
+
+
+def _uses_placeholder_weights(body: torch.fx.GraphModule, visit) -> bool:
+    return any(n.op == "placeholder" for n in visit(body, body.graph))
 
 
 def rewrite_weight(

@@ -129,8 +129,9 @@ class SpectralGraphModule(GraphModule):
 
     @graph.setter
     def graph(self, g: Graph) -> None:
-        # GraphModule.__init__ assigns the training graph here (training is True at that point).
-        if self.__dict__.get("training", True):
+        # GraphModule.__init__ assigns the training graph here, after copying root.training (False for
+        # a model in eval mode): the first assignment is always the training graph.
+        if "_graph" not in self.__dict__ or self.__dict__.get("training", True):
             self._graph = g
         else:
             self.__dict__["_eval_graph"] = g
