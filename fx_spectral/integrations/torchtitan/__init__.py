@@ -16,13 +16,14 @@ kernels module so that TorchTitan's models import (see ``_triton_shim``).
 """
 
 import importlib
-import importlib.util
 
-if importlib.util.find_spec("torchtitan") is None:  # pragma: no cover - exercised in a subprocess by the tests
+try:
+    import torchtitan  # noqa: F401  (its __init__ only reads its version: nothing is patched or loaded)
+except ImportError as e:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "fx_spectral.integrations.torchtitan needs TorchTitan, which is not installed: "
         "pip install fx_spectral[torchtitan]"
-    )
+    ) from e
 
 # Names are imported on first use (PEP 562), so that importing this package imports nothing from
 # TorchTitan and changes nothing in torch or TorchTitan (the CPU workarounds live in ``compat`` and

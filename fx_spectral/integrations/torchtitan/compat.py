@@ -207,16 +207,18 @@ def needed() -> list[str]:
 
 
 def apply() -> list[str]:
-    """Apply every needed workaround, in order; return the names applied.
+    """Apply every needed workaround, in order (once per process); return the names applied.
 
     Must run before TorchTitan's trainer is imported (``cpu_device`` checks it and raises otherwise).
     """
-    applied = []
     for w in WORKAROUNDS:
-        if w.needed():
+        if w.name not in _APPLIED and w.needed():
             w.apply()
-            applied.append(w.name)
-    return applied
+            _APPLIED.append(w.name)
+    return list(_APPLIED)
+
+
+_APPLIED: list[str] = []
 
 
 def extra_args(argv: list[str]) -> list[str]:
