@@ -2,17 +2,20 @@
 
 Install with ``pip install fx_spectral[torchtitan]``. Then either
 
-* train with the config registry here::
+* train through the entry point (TorchTitan's own ``main``; on a CPU-only machine it first applies
+  what TorchTitan 0.3.0 lacks there, see :mod:`.compat`; on GPUs it changes nothing but a missing
+  ``torch.distributed.set_timeout``)::
 
-      torchrun --nproc_per_node 8 -m torchtitan.train \\
+      torchrun --nproc_per_node 8 -m fx_spectral.integrations.torchtitan.train \\
           --module fx_spectral.integrations.torchtitan --config qwen3_0_6b_spectral \\
-          --spectral.method soft_cap --spectral.max_update_norm 0.05
+          --spectral.method hard_cap --spectral.w_max 1.0
 
 * or build your own ``SpectralTrainer.Config`` (a ``Trainer.Config`` with a ``spectral`` section),
   or chain :func:`spectral_post_optimizer_build_fn` into your ``ModelSpec``.
 
-On machines without ``triton`` (CPU only) a small import shim stands in for TorchTitan's MoE GPU
-kernels module so that TorchTitan's models import (see ``_triton_shim``).
+Importing this package imports nothing from TorchTitan and patches nothing: names are loaded on
+first use. Without ``triton`` (CPU only) TorchTitan's model package does not import; the entry point
+(or :func:`.compat.apply`) registers a stand-in for the one kernels module that needs it.
 """
 
 import importlib
@@ -31,6 +34,8 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
 _EXPORTS = {
     "SpectralConfig": "config",
     "qwen3_0_6b_spectral": "config_registry",
+    "qwen3_0_6b_spectral_sdpa": "config_registry",
+    "use_local_data": "config_registry",
     "qwen3_debugmodel_spectral": "config_registry",
     "qwen3_debugmodel_spectral_sdpa": "config_registry",
     "use_sdpa_attention": "config_registry",
@@ -76,6 +81,8 @@ __all__ = [
     "check_compile_backend",
     "fused_qkv_split",
     "qwen3_0_6b_spectral",
+    "qwen3_0_6b_spectral_sdpa",
+    "use_local_data",
     "qwen3_debugmodel_spectral",
     "qwen3_debugmodel_spectral_sdpa",
     "qwen3_w_max",
@@ -83,3 +90,7 @@ __all__ = [
     "use_sdpa_attention",
     "with_spectral",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -27,6 +27,7 @@ __all__ = [
     "qwen3_debugmodel_spectral",
     "qwen3_debugmodel_spectral_sdpa",
     "qwen3_0_6b_spectral",
+    "qwen3_0_6b_spectral_sdpa",
 ]
 
 
@@ -95,5 +96,15 @@ def qwen3_debugmodel_spectral_sdpa() -> SpectralTrainer.Config:
 
 
 def qwen3_0_6b_spectral() -> SpectralTrainer.Config:
-    """Qwen3 0.6B (TorchTitan's ``qwen3_0_6b``) with the same ``[spectral]`` defaults as the debugmodel."""
+    """Qwen3 0.6B (TorchTitan's ``qwen3_0_6b``: its tokenizer folder and dataset) with the same
+    ``spectral`` defaults as the debugmodel."""
     return with_spectral(qwen3_registry.qwen3_0_6b(), _DEFAULT)
+
+
+def qwen3_0_6b_spectral_sdpa() -> SpectralTrainer.Config:
+    """As :func:`qwen3_0_6b_spectral` with SDPA attention (trains on CPU). On a machine without the
+    Qwen3 tokenizer: ``--hf_assets_path $(python -m fx_spectral.integrations.torchtitan.data)
+    --dataloader.dataset python_stdlib``."""
+    config = qwen3_0_6b_spectral()
+    use_sdpa_attention(config.model_spec.model)
+    return config
