@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# Real runs (torchrun subprocesses, ~1-2.5 min each on a loaded 2-core machine): CI runs them.
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 2
 CAP = 1.0
