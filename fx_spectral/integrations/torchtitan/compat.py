@@ -37,9 +37,10 @@ Checked on torch 2.13.0 (CPU build) and torchtitan 0.3.0 (tyro 1.0.17):
     reduce-scatter followed by a multiply by 1.0, the same gradients.
 
 ``spmd_backend`` (no CUDA, and no ``--parallelism.spmd_backend`` given)
-    The default ``--parallelism.spmd_backend spmd_types`` refuses the plain-tensor parameters
-    (embedding, final norm, head) that the CPU run leaves (TorchTitan's own ``--module qwen3``
-    fails the same way); the entry point adds ``--parallelism.spmd_backend partial_dtensor``.
+    On 2 gloo ranks the default ``--parallelism.spmd_backend spmd_types`` refuses plain-tensor
+    parameters (embedding, final norm, head); TorchTitan's own ``--module qwen3`` fails the same
+    way, ``partial_dtensor`` works. Not checked on GPUs, so only added without CUDA: the entry
+    point appends ``--parallelism.spmd_backend partial_dtensor`` (see :func:`extra_args`).
 """
 
 from __future__ import annotations
