@@ -149,6 +149,21 @@ def test_compat_workarounds_switch_off_where_not_needed(monkeypatch):
     assert compat.extra_args(["--parallelism.spmd_backend=full_dtensor"]) == []
 
 
+def test_local_data_rejects_bad_input_and_splits_by_file():
+    from fx_spectral.integrations.torchtitan import data
+
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.build_tokenizer(100)
+    with pytest.raises(ValueError, match="split"):
+        data.stdlib_texts("test")
+    import sysconfig
+    from pathlib import Path
+
+    train, val = data.stdlib_texts("train"), data.stdlib_texts("validation")
+    n_files = len(list(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")))
+    assert train and val and len(train) + len(val) == n_files
+
+
 def test_spectral_config_validates():
     with pytest.raises(ValueError, match="spectral.method"):
         T.SpectralConfig(method="nope")
