@@ -1,4 +1,4 @@
-"""The ``[spectral]`` section of a TorchTitan training config (``--spectral.*`` on the command line)."""
+"""The ``spectral`` section of a TorchTitan training config (``--spectral.*`` on the command line)."""
 
 from __future__ import annotations
 
@@ -31,19 +31,25 @@ class SpectralConfig:
     ``attention.wo``, ``mlp`` = ``feed_forward.w1/w2/w3``. A role's ``w_max_*`` of ``None`` uses
     ``w_max``. Embeddings and the output head are left alone unless ``w_max_lm_head`` is set.
 
-    Example (TOML)::
+    Which methods keep the promise: ``hard_cap`` with ``exact=True`` (the default),
+    ``pure_svd`` and ``orthogonalize`` with ``exact=True`` leave every singular value ≤ the cap
+    after every step, whatever the step size (to float32 rounding). ``hard_cap`` without ``exact``
+    peaks at 1.0109 × the cap (its polynomial); ``spectral_normalize`` / ``spectral_hammer`` /
+    ``spectral_weight_decay`` divide by a power-iteration estimate, which can under-read the true
+    norm after a large step (the matrix then stays above the cap); ``soft_cap`` is a soft cap. With
+    those, log the exact figure: ``--spectral.log-exact``.
 
-        [spectral]
-        enable = true
-        method = "soft_cap"
-        w_max = 1.0
-        max_update_norm = 0.05
+    Example (command line, as tyro spells the fields; TorchTitan 0.3.0 reads no TOML)::
+
+        --spectral.method soft_cap --spectral.w_max 1.0 --spectral.max_update_norm 0.05
+        --spectral.no-enable          # off
+        --spectral.log-exact          # exact sigma in the spectral/* metrics
     """
 
     enable: bool = True
     """Project weights after every optimizer step."""
 
-    method: MethodName = "soft_cap"
+    method: MethodName = "hard_cap"
     """Projection applied after every optimizer step (see fx_spectral.constrain)."""
 
     w_max: float = 1.0
@@ -77,8 +83,9 @@ class SpectralConfig:
     n_iter: int = 1
     """Power iterations per step for the rank-one methods (vectors persist between steps)."""
 
-    exact: bool = False
-    """hard_cap / orthogonalize: exact (SVD) instead of the polynomial iteration."""
+    exact: bool = True
+    """hard_cap / orthogonalize: exact (an eigendecomposition of the smaller Gram matrix) instead of the
+    polynomial iteration (``--spectral.no-exact``: matrix products only, hard cap peak 1.0109 × w_max)."""
 
     split_fused_qkv: bool = True
     """Constrain the Q, K and V blocks of a fused wqkv separately (per KV group), not as one matrix."""

@@ -291,7 +291,7 @@ def spectral_post_optimizer_build_fn(
     """A ``ModelSpec.post_optimizer_build_fn`` running ``previous`` (e.g. Qwen3's MoE hook), then :func:`attach`.
 
     Args:
-        config: the ``[spectral]`` section.
+        config: the ``spectral`` section.
         previous: the model's own hook, kept (chained, not replaced).
         on_attach: receives the :class:`SpectralRun` (None when disabled), e.g. to log its metrics.
 

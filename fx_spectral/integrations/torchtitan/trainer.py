@@ -1,4 +1,4 @@
-"""``SpectralTrainer``: TorchTitan's ``Trainer`` with a ``[spectral]`` config section.
+"""``SpectralTrainer``: TorchTitan's ``Trainer`` with a ``spectral`` config section (``--spectral.*`` flags).
 
 It changes nothing in TorchTitan's training loop. Before the parent ``__init__`` runs it chains
 :func:`~fx_spectral.integrations.torchtitan.hooks.spectral_post_optimizer_build_fn` after the model
@@ -42,7 +42,7 @@ def check_compile_backend(config) -> None:
             "only lowers through TorchTitan's 'inductor' or 'aot_eager' backends (the flex region has no "
             "kernel under another backend). Use a config with SDPA attention (e.g. --module "
             "fx_spectral.integrations.torchtitan --config qwen3_debugmodel_spectral_sdpa), or keep "
-            "compile.backend='inductor' and use the [spectral] constraints instead."
+            "compile.backend='inductor' and use the --spectral.* constraints instead."
         )
     import fx_spectral.graph.backend  # noqa: F401  (registers "spectral" with dynamo)
 
