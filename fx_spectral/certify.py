@@ -24,7 +24,8 @@ the input (weights, buffers, constants) have :math:`L = 0`. The per-op factors:
 * the Lipschitz transformer of :mod:`fx_spectral.models`: the bound of
   :func:`fx_spectral.lipschitz.lipschitz_bound` (in the largest-token-l2 norm, on inputs whose tokens
   have norm at most ``embed_max_norm``) times :math:`\sqrt T`, which converts it to l2 over the
-  ``(T, d)`` example: :math:`\lVert Y\rVert_F \le \sqrt T \max_i \lVert y_i\rVert \le \sqrt T L \max_i\lVert x_i\rVert \le \sqrt T L \lVert X\rVert_F`.
+  ``(T, d)`` example: :math:`\lVert Y\rVert_F \le \sqrt T \max_i \lVert y_i\rVert
+  \le \sqrt T L \max_i\lVert x_i\rVert \le \sqrt T L \lVert X\rVert_F`.
 
 Anything else (``exp``, LayerNorm, softmax, a product of two computed tensors, an op touching the
 batch dimension) raises an error naming the node and the op: there is no silent pass-through.
@@ -108,9 +109,20 @@ class Certificate:
         return attained_lower_bound(model, example_input, steps=steps, seed=seed, radius=self.input_radius)
 
 
+def _mode_dependent(m: nn.Module) -> bool:
+    """Modules whose forward differs (or mutates state) in training mode."""
+    from fx_spectral.nn import is_spectral_normalized
+
+    return (
+        isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+        or is_spectral_normalized(m)
+        or torch.nn.utils.parametrize.is_parametrized(m)
+    )
+
+
 def _check_eval(model: nn.Module) -> None:
     for name, m in model.named_modules():
-        if m.training:
+        if m.training and _mode_dependent(m):
             raise ValueError(
                 f"certify: module {name or type(model).__name__!r} ({type(m).__name__}) is in training mode; the "
                 "certificate is for the eval-mode function (BatchNorm with running statistics, no dropout, no "
@@ -122,8 +134,8 @@ def certify(model: nn.Module, example_input: Tensor, *, dense_limit: int = 1 << 
     r"""A certified l2 -> l2 Lipschitz bound of ``model`` per example, read off its graph.
 
     Args:
-        model: an ``nn.Module`` in eval mode whose forward takes one tensor with the batch in
-            dim 0 and treats examples independently; or a
+        model: an ``nn.Module`` (BatchNorm, Dropout and normalized modules in eval mode) whose
+            forward takes one tensor with the batch in dim 0 and treats examples independently; or a
             :class:`~fx_spectral.models.LipschitzTransformer` (then the certified map is
             :meth:`~fx_spectral.models.LipschitzTransformer.forward_embeddings`, on inputs whose
             tokens have l2 norm at most ``embed_max_norm``).
@@ -192,7 +204,7 @@ def _certify_transformer(model: LipschitzTransformer, example_input: Tensor) -> 
     for t in terms:
         cum *= t.factor
         rows.append((t.name, "lipschitz_transformer", t.factor, cum,
-                     "lipschitz_bound term (largest-token-l2 norm; token radius after: %.4g)" % t.radius))
+                     f"lipschitz_bound term (largest-token-l2 norm; token radius after: {t.radius:.4g})"))
     cum *= math.sqrt(T)
     rows.append(("(norm change)", "sqrt(T)", math.sqrt(T), cum, "largest-token-l2 -> l2 over the (T, d) example"))
     r = model.config.embed_max_norm

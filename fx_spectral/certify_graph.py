@@ -57,10 +57,11 @@ for _name in ("relu", "relu6", "tanh", "sigmoid", "hardtanh", "softsign", "softp
         _FUNCS[getattr(F, _name)] = _name
 for _name in ("relu", "tanh", "sigmoid", "abs", "clamp", "clip", "clamp_min", "clamp_max", "add", "sub", "mul",
               "div", "neg", "flatten", "reshape", "permute", "transpose", "squeeze", "unsqueeze", "cat", "concat",
-              "stack", "mean", "sum", "matmul", "clone", "movedim", "swapaxes", "dropout", "selu", "celu",
+              "stack", "mean", "sum", "matmul", "clone", "movedim", "swapaxes", "dropout", "selu", "celu", "sort",
               "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
     _FUNCS.setdefault(getattr(torch, _name), _name)
-_FUNCS.update({operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+_FUNCS.update({getattr: "getattr",
+               operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
                operator.neg: "neg", operator.getitem: "getitem", operator.matmul: "matmul",
                operator.iadd: "add", operator.imul: "mul", operator.isub: "sub", operator.itruediv: "div"})
 
@@ -89,6 +90,8 @@ _PARAMS = {
     "matmul": ("input", "other"),
     "transpose": ("input", "dim0", "dim1"),
     "getitem": ("input", "index"),
+    "sort": ("input", "dim", "descending"),
+    "getattr": ("input", "attr"),
 }
 
 
@@ -144,7 +147,10 @@ class _Recorder(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node):
         out = super().run_node(n)
-        if n.op == "placeholder" or any(a in self.dependent for a in n.all_input_nodes):
+        has_tensor = isinstance(out, Tensor) or (
+            isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out))
+        # Shapes and other Python values read off a tensor do not depend on its values: constants.
+        if n.op == "placeholder" or (has_tensor and any(a in self.dependent for a in n.all_input_nodes)):
             self.dependent.add(n)
         else:
             self.const[n] = out
@@ -308,7 +314,22 @@ class _Ctx:
             if name in ("clamp", "clip", "clamp_min", "clamp_max", "abs"):
                 pass
             return self.unary(n, name, R.FUNCTION_SLOPES[name](kw), "largest slope")
-        if name in _SHAPE_OPS or name == "getitem":
+        if name in ("sort", "msort"):
+            # Sorting each fiber is 1-Lipschitz in l2 (rearrangement inequality); the fibers are disjoint.
+            a = self.single(n)
+            dim = kw.get("dim", kw.get("args", (-1,))[0] if kw.get("args") else -1)
+            if name == "sort" and int(dim) % len(self.in_shape(a)) == 0 or name == "msort":
+                raise _Err("sorting along dim 0 mixes the batch")
+            return name, 1.0, self.L[a], "sorting is 1-Lipschitz (GroupSort / MaxMin)"
+        if name in ("slice", "select", "narrow"):
+            a = self.single(n)
+            dim = kw.get("dim", 0)
+            if dim % len(self.in_shape(a)) == 0 and self.out_shape(n)[0] != self.B:
+                raise _Err(f"{name} along dim 0 mixes the batch")
+            if dim % len(self.in_shape(a)) == 0 and name == "select":
+                raise _Err("select along dim 0 picks one example")
+            return name, 1.0, self.L[a], "slicing is a coordinate projection"
+        if name in _SHAPE_OPS or name in ("getitem", "getattr"):
             return self.shape_op(n, name, kw)
         if fam == "dropout" or name == "dropout":
             if kw.get("training", name in ("dropout1d", "dropout2d", "dropout3d")) is not False:
@@ -356,12 +377,18 @@ class _Ctx:
 
     def shape_op(self, n, name, kw):
         a = self.single(n)
+        s = self.rec.shape[a]
+        if name in ("getitem", "getattr") and isinstance(s, tuple) and s and isinstance(s[0], tuple):
+            if name == "getattr" and kw.get("attr") != "values":
+                raise _Err(f"attribute {kw.get('attr')!r} of a tuple result has no bound here")
+            self.out_shape(n)
+            return name, 1.0, self.L[a], "one output of a tuple (values)"
         in_s = self.in_shape(a)
         out = self.out_shape(n)
         nd = len(in_s)
+        if name == "getattr":
+            raise _Err(f"attribute {kw.get('attr')!r} of a tensor has no bound here")
         if name == "getitem":
-            if isinstance(in_s, tuple) and in_s and isinstance(in_s[0], tuple):
-                return name, 1.0, self.L[a], "one output of a tuple"
             idx = kw.get("index")
             idx = idx if isinstance(idx, tuple) else (idx,)
             if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in idx):

@@ -135,7 +135,8 @@ class _Conv:
         pad = [p for lr in reversed(self.pads) for p in lr]
         x = F.pad(x, pad, mode="constant" if self.mode == "zeros" else self.mode)
         w = self.weight if weight is None else weight
-        return _CONV_FN[len(self.n)](x, w, None, self.stride, 0, self.dilation, self.groups if groups is None else groups)
+        groups = self.groups if groups is None else groups
+        return _CONV_FN[len(self.n)](x, w, None, self.stride, 0, self.dilation, groups)
 
 
 def _tuple(v, d: int, what: str, where: str) -> tuple[int, ...]:
@@ -164,7 +165,9 @@ def _forward_conv(
     w64 = weight.detach().to(torch.float64)
     if transposed:
         if padding_mode != "zeros":
-            raise ValueError(f"{where}: transposed convolutions only support padding_mode='zeros', got {padding_mode!r}")
+            raise ValueError(
+                f"{where}: transposed convolutions only support padding_mode='zeros', got {padding_mode!r}"
+            )
         pad, op = _tuple(padding, d, "padding", where), _tuple(output_padding, d, "output_padding", where)
         big = tuple((n[i] - 1) * stride[i] - 2 * pad[i] + dilation[i] * (k[i] - 1) + op[i] + 1 for i in range(d))
         if min(big) < 1:
@@ -295,7 +298,8 @@ def _zero_bound(spec: _Conv) -> tuple[float, str]:
         # Residue classes mod the dilation: independent undilated convolutions on sub-grids.
         per_dim: list[set[_DimPlan]] = []
         for i in range(D):
-            n, (pl, _), n_out, s, d, k = spec.n[i], spec.pads[i], spec.n_out[i], spec.stride[i], spec.dilation[i], spec.k[i]
+            n, (pl, _), n_out = spec.n[i], spec.pads[i], spec.n_out[i]
+            s, d, k = spec.stride[i], spec.dilation[i], spec.k[i]
             if s != 1 or d == 1:
                 per_dim.append({plans[i]})
                 continue
@@ -378,7 +382,7 @@ def _upper(spec: _Conv, dense_limit: int) -> tuple[float, str]:
 
 def _lanczos_lower(op, in_shape: tuple[int, ...], n_iter: int, restarts: int, seed: int) -> tuple[float, int]:
     dim = math.prod(in_shape)
-    m = max(2, min(n_iter, dim, (1 << 25) // max(dim, 1)))  # keep the Krylov basis under ~256 MB
+    m = max(2, min(n_iter, dim, (1 << 24) // max(dim, 1)))  # keep the two bases under ~256 MB
 
     def gram(v: Tensor) -> Tensor:
         x = v.reshape(1, *in_shape).requires_grad_(True)
@@ -396,28 +400,27 @@ def _lanczos_lower(op, in_shape: tuple[int, ...], n_iter: int, restarts: int, se
     best, used = 0.0, 0
     for _ in range(max(1, restarts)):
         Q = torch.zeros(m, dim, dtype=torch.float64)
-        alpha, beta = [], []
-        q = v / torch.linalg.vector_norm(v)
+        BQ = torch.zeros(m, dim, dtype=torch.float64)  # B q_i, for an exact Rayleigh-Ritz step
+        q, b_prev, top = v / torch.linalg.vector_norm(v), 0.0, 0.0
+        k = 0
         for i in range(m):
             Q[i] = q
-            w = gram(q)
+            BQ[i] = gram(q)
             used += 1
-            a = float(w @ q)
-            alpha.append(a)
+            k = i + 1
+            a = float(BQ[i] @ q)
+            top = max(top, abs(a))
+            w = BQ[i] - a * q - (b_prev * Q[i - 1] if i else 0)
             # Full reorthogonalization (twice is enough) against the whole basis.
             for _ in range(2):
-                w = w - Q[: i + 1].T @ (Q[: i + 1] @ w)
-            b = float(torch.linalg.vector_norm(w))
-            if i == m - 1 or b <= 1e-13 * max(abs(a), 1e-300):
+                w = w - Q[:k].T @ (Q[:k] @ w)
+            b_prev = float(torch.linalg.vector_norm(w))
+            if b_prev <= 1e-10 * top:  # the Krylov space is exhausted (invariant subspace found)
                 break
-            beta.append(b)
-            q = w / b
-        k = len(alpha)
-        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(beta[: k - 1], dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        _, vecs = torch.linalg.eigh(T)
+            q = w / b_prev
+        # Rayleigh-Ritz on span(Q) with the stored products: robust to any loss of orthogonality.
+        H = Q[:k] @ BQ[:k].T
+        _, vecs = torch.linalg.eigh((H + H.T) / 2)
         v = Q[:k].T @ vecs[:, -1]
         value = attained(v)
         improved = value > best * (1 + 1e-12)
