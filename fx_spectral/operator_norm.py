@@ -73,6 +73,8 @@ __all__ = [
 #: Relative margin added to every SVD-based value used as a proof (float64 SVD is accurate to
 #: about ``dim * 1e-16`` relative; 1e-9 covers any size that fits in memory).
 SVD_MARGIN = 1e-9
+#: How many valid cyclic grid sizes the zero-padding bound tries (the smallest and the next ones).
+GRID_TRIES = 4
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
@@ -219,16 +221,19 @@ class _DimPlan:
     mult: int
 
 
-def _zero_plan(n: int, pl: int, n_out: int, s: int, d: int, k: int) -> _DimPlan:
-    """Polyphase cyclic embedding of a zero-padded dim with no aliasing onto the input's support."""
+def _zero_plan(n: int, pl: int, n_out: int, s: int, d: int, k: int, skip: int = 0) -> _DimPlan:
+    """Polyphase cyclic embedding of a zero-padded dim with no aliasing onto the input's support
+    (the smallest valid grid, or the ``skip``-th valid one after it: each gives a sound bound)."""
     taps = tuple(((j * d) // s, (j * d) % s) for j in range(k))
     # Phase b holds x_pad[s q + b]; x occupies x_pad[pl : pl + n].
     support = {b: range(-((b - pl) // s), -((b - pl - n) // s)) for b in range(s)}
     accessed = {b: {t + a for (a, bb) in taps if bb == b for t in range(n_out)} for b in range(s)}
     grid = max(n_out, 1)
-    while not all(_no_alias(support[b], accessed[b], grid) for b in range(s)):
+    for _ in range(skip + 1):
+        while not all(_no_alias(support[b], accessed[b], grid) for b in range(s)):
+            grid += 1
         grid += 1
-    return _DimPlan(grid, s, taps, 1)
+    return _DimPlan(grid - 1, s, taps, 1)
 
 
 def _no_alias(sup: range, accessed: set[int], grid: int) -> bool:
@@ -291,9 +296,14 @@ def _symbol_bound(gw: Tensor, plans: list[_DimPlan], chunk_elems: int = 1 << 22)
 def _zero_bound(spec: _Conv) -> tuple[float, str]:
     D = len(spec.n)
     gw = spec.group_weights()
+    # Every valid grid gives a sound bound; the DFT samples differ, so take the best of a few.
+    best, method = min(
+        _symbol_bound(gw, [_zero_plan(spec.n[i], spec.pads[i][0], spec.n_out[i], spec.stride[i], spec.dilation[i],
+                                      spec.k[i], skip) for i in range(D)])
+        for skip in range(GRID_TRIES)
+    ), "circulant"
     plans = [_zero_plan(spec.n[i], spec.pads[i][0], spec.n_out[i], spec.stride[i], spec.dilation[i], spec.k[i])
              for i in range(D)]
-    best, method = _symbol_bound(gw, plans), "circulant"
     if any(spec.stride[i] == 1 and spec.dilation[i] > 1 for i in range(D)):
         # Residue classes mod the dilation: independent undilated convolutions on sub-grids.
         per_dim: list[set[_DimPlan]] = []
@@ -310,9 +320,13 @@ def _zero_bound(spec: _Conv) -> tuple[float, str]:
                 n_out_r = len(range(r, n_out, d))
                 pl_r = (pl + m0 - r) // d
                 if n_in_r and n_out_r:
-                    classes.add(_zero_plan(n_in_r, pl_r, n_out_r, 1, 1, k))
+                    classes.add((n_in_r, pl_r, n_out_r, 1, 1, k))
             per_dim.append(classes)
-        classes_bound = max(_symbol_bound(gw, list(c)) for c in itertools.product(*per_dim))
+        classes_bound = max(
+            min(_symbol_bound(gw, [c if isinstance(c, _DimPlan) else _zero_plan(*c, skip) for c in combo])
+                for skip in range(GRID_TRIES))
+            for combo in itertools.product(*per_dim)
+        )
         if classes_bound < best:
             best, method = classes_bound, "circulant-classes"
     return best, method
