@@ -240,3 +240,15 @@ def test_one_example_batch_still_checks_the_batch():
     with pytest.raises(TypeError, match="mixes the batch"):
         certify(model, torch.randn(1, 4))
     assert certify(copy.deepcopy(nn.Linear(4, 2)).eval(), torch.randn(1, 4)).bound > 0
+
+
+def test_torch_parametrized_spectral_norm_is_read_in_eval():
+    conv = torch.nn.utils.parametrizations.spectral_norm(nn.Conv2d(2, 3, 3, padding=1))
+    model = nn.Sequential(conv, nn.ReLU())
+    with pytest.raises(ValueError, match="training mode"):
+        certify(model, torch.randn(2, 2, 6, 6))
+    model.eval()
+    plain = nn.Conv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        plain.weight.copy_(conv.weight)
+    assert certify(model, torch.randn(2, 2, 6, 6)).bound == pytest.approx(operator_norm(plain, (2, 6, 6)).upper)
