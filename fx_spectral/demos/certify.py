@@ -193,7 +193,8 @@ def _report(label, model, layers, x_test, y_test, attain_steps, seconds) -> Mode
     for name, m, shape in layers:
         r = operator_norm(m, shape, n_iter=48, restarts=3)
         w = effective_weight(m).double().flatten(1)
-        norms.append(LayerNorms(f"{name}:{type(m).__name__.removeprefix('Parametrized')}", r.lower, r.upper, float(torch.linalg.matrix_norm(w, ord=2))))
+        layer_name = f"{name}:{type(m).__name__.removeprefix('Parametrized')}"
+        norms.append(LayerNorms(layer_name, r.lower, r.upper, float(torch.linalg.matrix_norm(w, ord=2))))
     attained = cert.attained(model, x_test[:32], steps=attain_steps)
     return ModelReport(label, float(correct.float().mean()), cert.bound, attained, certified, norms, seconds)
 
@@ -245,9 +246,9 @@ def _print(a: ModelReport, b: ModelReport, png, epochs: int, out: TextIO) -> Non
         p(f"   certified Lipschitz bound L = {r.bound:.4f}; attained lower bound {r.attained:.4f} "
           f"(attained / certified = {r.attained / r.bound:.3f})")
         p("   certified accuracy: " + ", ".join(f"eps={e}: {v:.3f}" for e, v in r.certified.items()))
-        p("   layer        operator norm: lower     upper    | reshaped-kernel norm")
+        p("   layer         operator norm:  lower     upper  | reshaped-kernel norm")
         for ln in r.layers:
-            p(f"   {ln.name:10s}                  {ln.lower:8.4f}  {ln.upper:8.4f}  | {ln.matrix:8.4f}")
+            p(f"   {ln.name:12s}                {ln.lower:8.4f}  {ln.upper:8.4f}  | {ln.matrix:8.4f}")
     p(f"\nThe matrix-mode twin's layers have reshaped-kernel norm 1 but operator norms up to "
       f"{max(ln.lower for ln in b.layers):.3f} (attained): its Lipschitz constant is at least "
       f"{b.attained:.3f}, not 1.")
