@@ -168,6 +168,15 @@ def certify(model: nn.Module, example_input: Tensor, *, dense_limit: int = 1 << 
     if x.shape[0] == 1:
         x = torch.cat([x, x])  # two examples, so that an op mixing the batch shows in the shapes
     gm, traced_by = trace_model(model, x)
+    with torch.no_grad():
+        expected, got = model(x), gm(x)
+    if not (isinstance(got, Tensor) and isinstance(expected, Tensor) and got.shape == expected.shape
+            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max().clamp_min(1)))):
+        raise TypeError(
+            f"certify: the graph traced by {traced_by} does not reproduce {type(model).__name__}'s output on the "
+            "example (in-place updates of aliased tensors, or Python-level state, change what the model computes); "
+            "no certificate can be read off it"
+        )
     rows, bound = analyze_graph(gm, x, dense_limit=dense_limit)
     return Certificate(bound, tuple(CertRow(*r) for r in rows), "l2 -> l2 per example", traced_by,
                        tuple(x.shape[1:]))

@@ -136,6 +136,9 @@ _SHAPE_OPS = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous"
               "view_as", "reshape_as"}
 
 
+_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once; keeps the values of input-independent nodes and every node's shape."""
 
@@ -252,9 +255,22 @@ class _Ctx:
     # -- the rules ---------------------------------------------------------------------------
     def node_bound(self, n: torch.fx.Node) -> tuple[str, float | None, float, str]:
         if n.op == "call_module":
-            return self.module_bound(n, self.gm.get_submodule(n.target))
-        name, kw = _canonical(n)
-        return self.function_bound(n, name, kw)
+            result = self.module_bound(n, self.gm.get_submodule(n.target))
+        else:
+            name, kw = _canonical(n)
+            result = self.function_bound(n, name, kw)
+        factor = result[1]
+        if (factor is None or factor > 1) and self.mutates(n):
+            # The op overwrites its input; a bound > 1 is only safe if nothing else reads that input.
+            first = n.args[0] if n.args else None
+            if isinstance(first, torch.fx.Node) and len(first.users) > 1:
+                raise _Err(f"an in-place op with factor > 1 overwrites {first.name!r}, which other nodes also read")
+        return result
+
+    def mutates(self, n: torch.fx.Node) -> bool:
+        if n.op == "call_module":
+            return bool(getattr(self.gm.get_submodule(n.target), "inplace", False))
+        return n.target in _INPLACE or bool(n.kwargs.get("inplace", False))
 
     def unary(self, n, op: str, factor: float, rule: str) -> tuple[str, float, float, str]:
         a = self.single(n)
@@ -311,8 +327,6 @@ class _Ctx:
     def function_bound(self, n, name: str, kw: dict):
         fam = _family(name)
         if name in R.FUNCTION_SLOPES:
-            if name in ("clamp", "clip", "clamp_min", "clamp_max", "abs"):
-                pass
             return self.unary(n, name, R.FUNCTION_SLOPES[name](kw), "largest slope")
         if name in ("sort", "msort"):
             # Sorting each fiber is 1-Lipschitz in l2 (rearrangement inequality); the fibers are disjoint.
@@ -445,7 +459,7 @@ class _Ctx:
     def cat(self, n, name, kw):
         out = self.out_shape(n)
         dim = int(kw.get("dim", 0))
-        if dim % (len(out) - (1 if name == "stack" else 0)) == 0 or (name == "stack" and dim == 0):
+        if dim % len(out) == 0:
             raise _Err(f"{name} along dim 0 mixes the batch")
         sq = sum(self.L[t] ** 2 for t in kw["tensors"] if self.dep(t))
         return name, None, math.sqrt(sq), "sqrt of the sum of the squared parts' bounds"
