@@ -193,7 +193,7 @@ def _report(label, model, layers, x_test, y_test, attain_steps, seconds) -> Mode
     for name, m, shape in layers:
         r = operator_norm(m, shape, n_iter=48, restarts=3)
         w = effective_weight(m).double().flatten(1)
-        layer_name = f"{name}:{type(m).__name__.removeprefix('Parametrized')}"
+        layer_name = f"{name}:{type(m).__name__.removeprefix('Parametrized').removeprefix('Spectral')}"
         norms.append(LayerNorms(layer_name, r.lower, r.upper, float(torch.linalg.matrix_norm(w, ord=2))))
     attained = cert.attained(model, x_test[:32], steps=attain_steps)
     return ModelReport(label, float(correct.float().mean()), cert.bound, attained, certified, norms, seconds)
