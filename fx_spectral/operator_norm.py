@@ -458,7 +458,8 @@ def effective_weight(module: nn.Module, where: str | None = None) -> Tensor:
     in training mode runs a power-iteration update). Raises for an uninitialized Lazy module.
     """
     where = where or type(module).__name__
-    if is_lazy(module._parameters.get("weight", None)) if "weight" in module._parameters else False:
+    raw = module._parameters.get("weight")
+    if raw is not None and is_lazy(raw):
         raise ValueError(f"{where}: the Lazy module has not run yet, so its weight has no shape; run one forward first")
     if is_spectral_normalized(module, "weight"):
         w = module._parameters["weight"].detach()
