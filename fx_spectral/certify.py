@@ -170,7 +170,9 @@ def certify(model: nn.Module, example_input: Tensor, *, dense_limit: int = 1 << 
     gm, traced_by = trace_model(model, x)
     with torch.no_grad():
         expected, got = model(x), gm(x)
-    if not (isinstance(got, Tensor) and isinstance(expected, Tensor) and got.shape == expected.shape
+    if not isinstance(expected, Tensor):
+        raise TypeError(f"certify: expected {type(model).__name__} to return one tensor, got {type(expected).__name__}")
+    if not (isinstance(got, Tensor) and got.shape == expected.shape
             and torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max().clamp_min(1)))):
         raise TypeError(
             f"certify: the graph traced by {traced_by} does not reproduce {type(model).__name__}'s output on the "
