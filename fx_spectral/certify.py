@@ -101,7 +101,8 @@ class Certificate:
         Starts at every example (``x``) with ``y - x`` along the Jacobian's top right singular
         vector (10 power iterations with autograd), then runs ``steps`` Adam steps of gradient
         ascent on the ratio over both points. The returned ratio is re-evaluated in float64 on a
-        copy of the model for the best pair found, so it is a true ratio of the eval-mode model:
+        copy of the model for the best pair found (or, where the forward cannot run in float64,
+        in its own dtype less a relative 1e-4), so it is a true ratio of the eval-mode model:
         ``attained <= Lip(f) <= bound``. For a :class:`~fx_spectral.models.LipschitzTransformer`
         the points are embedded sequences whose tokens stay in the certified ball.
         The model is not changed (eval mode, no parameter gradients are accumulated).
@@ -283,4 +284,9 @@ def attained_lower_bound(
     f64 = m64.forward_embeddings if isinstance(m64, LipschitzTransformer) else m64
     with torch.no_grad():
         bx, by = (t.to(torch.float64) for t in best_pair)
-        return float(_ratios(f64, bx, by)[0])
+        try:
+            return float(_ratios(f64, bx, by)[0])
+        except RuntimeError:
+            # The forward holds tensors .to() cannot reach (e.g. captured in a closure): keep its own
+            # dtype and give up a relative 1e-4, far more than the rounding of the pair's difference.
+            return float(_ratios(f, *best_pair)[0]) * (1 - 1e-4)

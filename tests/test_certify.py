@@ -273,3 +273,28 @@ def test_in_place_ops():
     # symbolic_trace records `z += x` as an out-of-place add: the graph computes another function.
     with pytest.raises(TypeError, match="does not reproduce"):
         certify(_Wrap(aliased, lin).eval(), torch.randn(2, 4))
+
+
+def test_functional_spellings_get_their_factors():
+    w = torch.randn(4, 2, 3, 3)
+
+    def fn(s, x):
+        y = F.pad(x, (1, 1, 1, 1), mode="reflect")  # every edge entry copied twice per dim: factor 2
+        y = F.conv2d(y, w, padding="same")
+        y = y.unflatten(1, (-1, 2)).sort(dim=2).values.flatten(1, 2)  # GroupSort: 1
+        return torch.cat([y.mean((2, 3)), -y.sum(dim=(2, 3))], dim=1)
+
+    cert = certify(_Wrap(fn).eval(), torch.randn(3, 2, 6, 6))
+    conv = cert.rows[1].factor
+    assert cert.rows[0].factor == pytest.approx(2.0)
+    assert conv == pytest.approx(operator_norm(_conv_same(w), (2, 8, 8)).upper, rel=1e-9)
+    expected = 2.0 * conv * math.sqrt((1 / 8) ** 2 + 8**2)  # mean / sum over 64 entries: 1/8 and 8
+    assert cert.bound == pytest.approx(expected, rel=1e-9)
+    assert cert.attained(_Wrap(fn).eval(), torch.randn(3, 2, 6, 6), steps=10) <= cert.bound
+
+
+def _conv_same(w):
+    conv = nn.Conv2d(2, 4, 3, padding="same", bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+    return conv
