@@ -1,6 +1,6 @@
 """The graph side of :func:`fx_spectral.certify`: tracing, one recorded run, and the per-node rules.
 
-Each call node is canonicalized to ``(name, kw)``: a short op name shared by the module, the
+Each call node is canonicalized (:func:`fx_spectral.certify_rules.canonical`) to ``(name, kw)``: a short op name shared by the module, the
 functional, the Tensor-method and the aten spelling of an op (``"conv2d"``, ``"relu"``, ``"add"``),
 and its arguments bound to names. The rules then see one op, whichever way the model wrote it.
 """
@@ -8,13 +8,10 @@ and its arguments bound to names. The rules then see one op, whichever way the m
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx.operator_schemas import normalize_function
 
 from fx_spectral import certify_rules as R
 from fx_spectral.models import Attention, Block, LipschitzTransformer
@@ -42,101 +39,6 @@ def trace_model(model: nn.Module, x: Tensor) -> tuple[torch.fx.GraphModule, str]
                 f"certify: {type(model).__name__} neither traces with torch.fx.symbolic_trace ({trace_error}) "
                 f"nor exports with torch.export ({export_error})"
             ) from export_error
-
-
-# Canonical names of torch callables (functional, torch.*, operator.*).
-_FUNCS: dict = {}
-for _name in ("relu", "relu6", "tanh", "sigmoid", "hardtanh", "softsign", "softplus", "silu", "gelu", "leaky_relu",
-              "elu", "selu", "celu", "logsigmoid", "hardsigmoid", "hardswish", "linear", "batch_norm", "pad",
-              "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-              "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-              "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-              "adaptive_max_pool2d", "adaptive_max_pool3d", "dropout", "dropout1d", "dropout2d", "dropout3d",
-              "alpha_dropout", "feature_alpha_dropout"):
-    if hasattr(F, _name):
-        _FUNCS[getattr(F, _name)] = _name
-for _name in ("relu", "tanh", "sigmoid", "abs", "clamp", "clip", "clamp_min", "clamp_max", "add", "sub", "mul",
-              "div", "neg", "flatten", "reshape", "permute", "transpose", "squeeze", "unsqueeze", "cat", "concat",
-              "stack", "mean", "sum", "matmul", "clone", "movedim", "swapaxes", "dropout", "selu", "celu", "sort",
-              "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
-    _FUNCS.setdefault(getattr(torch, _name), _name)
-_FUNCS.update({getattr: "getattr",
-               operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
-               operator.neg: "neg", operator.getitem: "getitem", operator.matmul: "matmul",
-               operator.iadd: "add", operator.imul: "mul", operator.isub: "sub", operator.itruediv: "div"})
-
-# Positional parameter names of the torch-level spellings (aten ops bind through their schema).
-_PARAMS = {
-    "conv": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
-    "conv_transpose": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"),
-    "linear": ("input", "weight", "bias"),
-    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    "max_pool": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
-    "avg_pool": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-    "adaptive": ("input", "output_size"),
-    "leaky_relu": ("input", "negative_slope"),
-    "elu": ("input", "alpha"),
-    "gelu": ("input", "approximate"),
-    "dropout": ("input", "p", "training"),
-    "pad": ("input", "pad", "mode", "value"),
-    "add": ("input", "other", "alpha"),
-    "sub": ("input", "other", "alpha"),
-    "mul": ("input", "other"),
-    "div": ("input", "other"),
-    "cat": ("tensors", "dim"),
-    "stack": ("tensors", "dim"),
-    "mean": ("input", "dim", "keepdim"),
-    "sum": ("input", "dim", "keepdim"),
-    "matmul": ("input", "other"),
-    "transpose": ("input", "dim0", "dim1"),
-    "getitem": ("input", "index"),
-    "sort": ("input", "dim", "descending"),
-    "getattr": ("input", "attr"),
-}
-
-
-def _family(name: str) -> str:
-    for fam in ("conv_transpose", "conv", "max_pool", "avg_pool", "adaptive", "dropout"):
-        if name.startswith(fam) or (fam == "dropout" and "dropout" in name):
-            return fam
-    return {"concat": "cat", "swapaxes": "transpose"}.get(name, name)
-
-
-def _canonical(node: torch.fx.Node) -> tuple[str, dict]:
-    """(canonical op name, bound arguments) of a call_function / call_method node."""
-    if node.op == "call_method":
-        name = node.target
-        args = node.args
-        kwargs = dict(node.kwargs)
-    elif isinstance(node.target, torch._ops.OpOverload):
-        name = node.target.overloadpacket.__name__
-        name = {"_native_batch_norm_legit_no_training": "batch_norm_no_training", "_to_copy": "clone",
-                "_unsafe_view": "view", "max_pool2d_with_indices": "max_pool2d", "alias": "clone",
-                "max_pool1d_with_indices": "max_pool1d", "max_pool3d_with_indices": "max_pool3d",
-                "_adaptive_avg_pool2d": "adaptive_avg_pool2d", "t": "transpose2d"}.get(name, name)
-        bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-        kw = dict(bound.kwargs) if bound is not None else {}
-        for a, b in (("self", "input"), ("train", "training"), ("dim0", "dim0")):
-            if a in kw:
-                kw[b] = kw.pop(a)
-        return name, kw
-    else:
-        name = _FUNCS.get(node.target) or getattr(node.target, "__name__", str(node.target))
-        args, kwargs = node.args, dict(node.kwargs)
-    params = _PARAMS.get(_family(name), ())
-    kw = dict(zip(params, args)) if params else {"input": args[0] if args else None, "args": args[1:]}
-    kw.update(kwargs)
-    if name in ("permute", "view", "reshape", "flatten", "squeeze", "unsqueeze", "movedim", "expand", "repeat"):
-        kw["args"] = args[1:]
-    return name, kw
-
-
-_SHAPE_OPS = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous", "clone", "float", "double",
-              "to", "type_as", "detach", "permute", "transpose", "movedim", "transpose2d", "unflatten",
-              "view_as", "reshape_as"}
-
-
-_INPLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -257,7 +159,7 @@ class _Ctx:
         if n.op == "call_module":
             result = self.module_bound(n, self.gm.get_submodule(n.target))
         else:
-            name, kw = _canonical(n)
+            name, kw = R.canonical(n)
             result = self.function_bound(n, name, kw)
         factor = result[1]
         if (factor is None or factor > 1) and self.mutates(n):
@@ -270,7 +172,7 @@ class _Ctx:
     def mutates(self, n: torch.fx.Node) -> bool:
         if n.op == "call_module":
             return bool(getattr(self.gm.get_submodule(n.target), "inplace", False))
-        return n.target in _INPLACE or bool(n.kwargs.get("inplace", False))
+        return n.target in R.INPLACE_OPS or bool(n.kwargs.get("inplace", False))
 
     def unary(self, n, op: str, factor: float, rule: str) -> tuple[str, float, float, str]:
         a = self.single(n)
@@ -325,7 +227,7 @@ class _Ctx:
         raise _Err(f"no Lipschitz bound is known for {typ}")
 
     def function_bound(self, n, name: str, kw: dict):
-        fam = _family(name)
+        fam = R.family(name)
         if name in R.FUNCTION_SLOPES:
             return self.unary(n, name, R.FUNCTION_SLOPES[name](kw), "largest slope")
         if name in ("sort", "msort"):
@@ -343,7 +245,7 @@ class _Ctx:
             if dim % len(self.in_shape(a)) == 0 and name == "select":
                 raise _Err("select along dim 0 picks one example")
             return name, 1.0, self.L[a], "slicing is a coordinate projection"
-        if name in _SHAPE_OPS or name in ("getitem", "getattr"):
+        if name in R.SHAPE_OPS or name in ("getitem", "getattr"):
             return self.shape_op(n, name, kw)
         if fam == "dropout" or name == "dropout":
             if kw.get("training", name in ("dropout1d", "dropout2d", "dropout3d")) is not False:
