@@ -2,7 +2,8 @@
 
 Each call node is canonicalized (:func:`fx_spectral.certify_rules.canonical`) to ``(name, kw)``:
 a short op name shared by the functional, the Tensor-method and the aten spelling of an op
-(``"conv2d"``, ``"relu"``, ``"add"``), and its arguments bound to names. The rules then see one op, whichever way the model wrote it.
+(``"conv2d"``, ``"relu"``, ``"add"``), and its arguments bound to names. The rules then see one
+op, whichever way the model wrote it.
 """
 
 from __future__ import annotations
