@@ -7,7 +7,9 @@ buffers ``{name}_u`` / ``{name}_v`` on the owning module):
 - graph: :func:`transform` (torch.fx), :func:`bake`, and the torch.compile backend ``"spectral"``
   (:func:`backend` makes a configured one);
 - constraints: :func:`constrain` projects weights after every optimizer step
-  (:mod:`fx_spectral.constraints` holds the math), :func:`lipschitz_bound` certifies the result.
+  (:mod:`fx_spectral.constraints` holds the math), :func:`lipschitz_bound` certifies the result;
+- certificates: :func:`operator_norm` brackets a convolution's true operator norm, :func:`certify`
+  reads a Lipschitz bound off any traceable model.
 
 The public names load lazily (PEP 562): ``import fx_spectral`` or ``import fx_spectral.nn`` costs
 little more than ``import torch``, and neither imports the graph machinery nor registers the
@@ -34,6 +36,10 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "constrain": ("fx_spectral.constrain", "constrain"),
     "constraints": ("fx_spectral.constraints", None),
     "lipschitz_bound": ("fx_spectral.lipschitz", "lipschitz_bound"),
+    "operator_norm": ("fx_spectral.operator_norm", "operator_norm"),
+    "OperatorNorm": ("fx_spectral.operator_norm", "OperatorNorm"),
+    "certify": ("fx_spectral.certify", "certify"),
+    "Certificate": ("fx_spectral.certify", "Certificate"),
 }
 
 __all__ = sorted(_EXPORTS)
