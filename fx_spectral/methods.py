@@ -125,10 +125,23 @@ class _Polynomial(_Method):
 
 @dataclass(frozen=True, kw_only=True)
 class HardCap(_Polynomial):
-    """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or ``exact``."""
+    """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or exact.
+
+    ``exact=True`` or ``mode="eigh"``: exact, by an eigendecomposition (the CPU choice);
+    ``mode="msign"``: exact to float rounding by matrix products only
+    (:func:`fx_spectral.msign.msign_clip`, the accelerator choice; ``matmul_dtype`` applies).
+    """
 
     name: ClassVar[str] = "hard_cap"
     exact: bool = False
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in C.HARD_CAP_MODES:
+            raise ValueError(f"HardCap: mode must be one of {C.HARD_CAP_MODES}, got {self.mode!r}")
+        if self.exact and self.mode not in (None, "eigh"):
+            raise ValueError(f"HardCap: exact=True means mode='eigh'; it conflicts with mode={self.mode!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,7 +298,9 @@ _HANDLERS: dict[type[_Method], Callable[[Tensor, Any, ProjectionContext], Tensor
     SpectralNormalize: lambda X, cfg, ctx: C.spectral_normalize(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
     SpectralHammer: lambda X, cfg, ctx: C.spectral_hammer(X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx)),
     SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx)),
-    HardCap: lambda X, cfg, ctx: C.hard_cap(X, ctx.w_max, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx)),
+    HardCap: lambda X, cfg, ctx: C.hard_cap(
+        X, ctx.w_max, exact=cfg.exact, mode=cfg.mode, matmul_dtype=cfg.products_dtype(ctx)
+    ),
     SoftCap: _soft_cap,
     PureSVD: lambda X, cfg, ctx: C.pure_svd(X, ctx.w_max),
     Orthogonalize: _orthogonalize,
