@@ -384,8 +384,8 @@ def hard_cap(
     r"""Cap every singular value at ``w_max``: approximately (the paper's polynomial) or exactly.
 
     ``mode``: ``"polynomial"`` (default), ``"eigh"`` (exact; the same as ``exact=True``; the
-    cheapest exact choice on CPU) or ``"msign"`` (exact to float rounding from matrix products
-    only, :func:`fx_spectral.msign.msign_clip`: the accelerator choice, bf16 products allowed).
+    cheapest exact choice on CPU) or ``"msign"`` (exact to float rounding from float32 matrix
+    products only, :func:`fx_spectral.msign.msign_clip`: the accelerator choice).
 
     Polynomial mode (default): four odd steps :math:`\sigma \leftarrow \sigma(a + b\sigma^2 +
     c\sigma^4)` (:data:`HARD_CAP_COEFFICIENTS`) on ``W / w_max``, times ``w_max``: 0.5→0.498,
@@ -411,7 +411,12 @@ def hard_cap(
     if mode == "msign":
         from fx_spectral.msign import msign_clip
 
-        return msign_clip(W, w_max, dtype=dtype, matmul_dtype=matmul_dtype)
+        if matmul_dtype is not None and matmul_dtype.itemsize < 4:
+            raise ValueError(
+                f"hard_cap: mode='msign' runs its products in float32 at least (16-bit products leave the "
+                f"polar factor's singular vectors off by several percent); got matmul_dtype={matmul_dtype}"
+            )
+        return msign_clip(W, w_max, dtype=dtype)
     exact = exact or mode == "eigh"
     X = _compute(W, dtype)
     if not exact:
