@@ -103,13 +103,15 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(mean, color="grey", lw=1)
         ax.axhline(mean - 4.0, color="grey", lw=1, ls=":", label="twin mean - 4 points")
     names = [s for s in dict.fromkeys(r["setting"] for r in runs) if s != "twin"]
-    for name in names:
+    bounds = [r["lipschitz_bound"] for r in runs if r["setting"] != "twin"]
+    for i, name in enumerate(names):
+        color = f"C{i}"
         pts = [(r["lipschitz_bound"], r["val_accuracy"] * 100) for r in runs if r["setting"] == name]
-        ax.scatter(*zip(*pts), s=18, alpha=0.6)
+        ax.scatter(*zip(*pts), s=18, alpha=0.6, color=color)
         mb, ma = statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)
-        ax.scatter([mb], [ma], marker="D", s=50, label=f"{name}: {ma:.1f}% at {mb:.2f} (n={len(pts)})")
+        ax.scatter([mb], [ma], marker="D", s=50, color=color, label=f"{name}: {ma:.1f}% at {mb:.2f} (n={len(pts)})")
     ax.set(
-        xscale="log",
+        xscale="log" if bounds and max(bounds) > 3 * min(bounds) else "linear",
         xlabel="certified Lipschitz bound (logits vs embedded tokens)",
         ylabel="validation accuracy (%)",
         title=f"fx-spectral demo, {results['steps']} steps: accuracy vs certified bound",
