@@ -9,11 +9,14 @@ validation when ``crc32(name) % 10 == 0``; deterministic, no download).
 Two models start from the same weights and see the same batches:
 
 * **constrained**: ``torch.optim.Muon`` on the hidden matrices (Q, K, V, O, MLP) with
-  :func:`fx_spectral.constrain.constrain` projecting them after every step (default
-  ``"soft_cap"``, its strength coupled to Muon's learning rate); the LM head has its own Muon and
-  its own cap (same method); AdamW on the embedding and the position bias; embedding rows are
-  capped by ``max_norm``;
-* **twin**: the same architecture trained by AdamW with no constraint.
+  :func:`fx_spectral.constrain.constrain` projecting them after every step (default: the exact
+  cap ``"hard_cap"`` with ``mode="eigh"``); every token is projected onto the ball of radius
+  ``attn_ball * sqrt(dim)`` before each attention (1-Lipschitz, so free in the bound; it keeps the
+  attention's softmax term from growing with depth); the LM head has its own Muon and its own cap
+  (same method); AdamW on the embedding and the position bias; embedding rows are capped by
+  ``max_norm``;
+* **twin**: the plain architecture (no ball projection) from the same initial weights, trained by
+  AdamW with no constraint.
 
 At the end it prints validation accuracy, the certified Lipschitz bound
 (:func:`fx_spectral.lipschitz.lipschitz_bound`: logits vs. embedded inputs, largest per-token
@@ -23,7 +26,7 @@ activations of both models, and writes ``metrics.json`` and ``lipschitz_demo.png
 Example::
 
     $ fx-spectral demo                       # default budget, ~1.5 minutes (one core)
-    $ fx-spectral demo --steps 2000 --w-max 1.0 --method hard_cap --out /tmp/demo
+    $ fx-spectral demo --steps 2000 --w-max 1.0 --method soft_cap --attn-ball 0 --out /tmp/demo
 """
 
 from __future__ import annotations
