@@ -8,8 +8,8 @@ r"""Matrix sign and exact singular-value clipping from matrix products only (for
 :math:`[\ell_k, u_k]` where the singular values can be after ``k`` steps; the next interval is the
 image :math:`[\min p_k, \max p_k]`. :func:`polar_express_coefficients` derives them here (a Remez
 exchange in float64), from :math:`[\ell_0, 1] = [10^{-3}, 1]`: after 7 steps every singular value
-in :math:`[10^{-3}, 1]` is within :math:`10^{-9}` of 1; the 8th step is the Newton–Schulz
-limit :math:`(15/8, -10/8, 3/8)`, which removes float rounding.
+in :math:`[10^{-3}, 1]` is within :math:`10^{-7}` of 1; the 8th step is the Newton–Schulz
+limit :math:`(15/8, -10/8, 3/8)`, which takes it to float rounding.
 
 :func:`msign_clip` caps every singular value at ``w_max`` exactly (to float precision), with the
 identity (Su et al.'s matrix-sign form of :math:`\min(1, \sigma)`; here on the small Gram side)
@@ -21,14 +21,17 @@ identity (Su et al.'s matrix-sign form of :math:`\min(1, \sigma)`; here on the s
       = M + \tfrac12 (I + S)(O - M),
 
 with :math:`O = \mathrm{msign}(M)` and :math:`S = \mathrm{msign}(M M^\top - I)` (a symmetric
-``m × m`` matrix, ``m`` the smaller side): on a singular direction with :math:`\sigma < 1`,
-:math:`S = -1` and the result is :math:`\sigma`; with :math:`\sigma > 1`, :math:`S = +1` and the
-result is :math:`O`'s 1. Only the correction :math:`\frac12(I+S)(O-M)` carries the iteration's
-error, and it vanishes on the directions that are left alone: they come back to float rounding.
+``m × m`` matrix, ``m`` the smaller side; computed as the sign of :math:`M O^\top - I =
+(M M^\top)^{1/2} - I`, which has the same sign and twice the separation near the cap): on a
+singular direction with :math:`\sigma < 1`, :math:`S = -1` and the result is :math:`\sigma`;
+with :math:`\sigma > 1`, :math:`S = +1` and the result is :math:`O`'s 1. Only the correction
+:math:`\frac12(I+S)(O-M)` carries the iteration's error, and it vanishes on the directions that
+are left alone: they come back to float rounding.
 
-Cost: 8 steps of 3 products for :math:`O` (``m × m`` and ``m × n``) and 8 steps of 3 ``m × m``
-products for :math:`S`, plus 3 more: about :math:`(24 + 2n/m)\,m^3` multiply-adds against the
-``eigh``/SVD of the exact modes; on a GPU those are many small fast products instead of a
+Cost: 8 steps of 3 products for :math:`O` (``m × m`` and ``m × n``), 8 steps of 3 ``m × m``
+products for :math:`S`, 7 more (the bound, :math:`M O^\top`, the result): about
+:math:`19\,m^2 n + 35\,m^3` multiply-adds in 55 products, against one ``eigh``/SVD for the other
+exact modes; on a GPU those are many small fast products instead of a
 serial factorization. The products run in float32 (16-bit weights are computed in float32;
 see :func:`msign_clip` for why bf16 products are not offered).
 
@@ -50,13 +53,13 @@ __all__ = ["MSIGN_STEPS", "MSIGN_RANGE", "msign", "msign_clip", "polar_express_c
 
 #: Default number of iteration steps (for both msign(M) and msign(MMᵀ − I)).
 MSIGN_STEPS = 8
-#: msign_clip is exact when an upper bound of σ₁ (within ``m^{1/8}``·σ₁) is at most this many times
+#: msign_clip is exact when an upper bound of σ₁ (within ``m^{1/32}``·σ₁) is at most this many times
 #: ``w_max``; beyond, the matrix is first scaled into that range (every σ by one factor), so the
 #: result stays ≤ w_max but the singular values below the new threshold shrink (never NaN).
 MSIGN_RANGE = 16.0
 _LOWER = 1e-3  # the iteration is tuned for singular values in [_LOWER, 1] (after normalization)
 _HEADROOM = 1.05  # early quintics are designed 5% past the interval's top (bf16 rounding)
-_LOW_PRECISION_MARGIN = 0.01  # bf16/fp16 products: the clipped directions land at (1 - 0.01) ± 0.005
+_LOW_PRECISION_MARGIN = 0.01  # 16-bit weights aim 1% below the cap (rounding the result moves σ by ~3e-3)
 
 
 # --------------------------------------------------------------------------------------------
