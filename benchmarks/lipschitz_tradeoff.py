@@ -117,7 +117,7 @@ def plot(results: dict, path: Path) -> None:
         title=f"fx-spectral demo, {results['steps']} steps: accuracy vs certified bound",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
