@@ -12,6 +12,7 @@ op                          effect on the singular values :math:`\sigma_i` of ``
 :func:`hard_cap`            :math:`\sigma \mapsto w_{max}\, p_4\circ p_3\circ p_2\circ p_1(\sigma / w_{max})`
                             with :math:`p_j(x) = x(a_j + b_j x^2 + c_j x^4)` (≈ min(w_max, σ));
                             ``exact=True``: exactly :math:`\min(w_{max}, \sigma)`
+                            (eigh; ``mode="msign"``: by matrix products)
 :func:`soft_cap`            :math:`f(\sigma) = \sigma - 3\alpha^2\sigma^5 + 3\alpha^3\sigma^7 - \alpha^4\sigma^9`
 :func:`spectral_hammer`     :math:`\hat\sigma_1 \mapsto w_{max}`, the others unchanged
 :func:`spectral_weight_decay` :math:`\hat\sigma_1 \mapsto (1 - wd)\,\hat\sigma_1`, the others unchanged
@@ -415,10 +416,15 @@ def hard_cap(
     w_max: float = 1.0,
     *,
     exact: bool = False,
+    mode: str | None = None,
     dtype: torch.dtype | None = None,
     matmul_dtype: torch.dtype | None = None,
 ) -> Tensor:
     r"""Cap every singular value at ``w_max``: approximately (the paper's polynomial) or exactly.
+
+    ``mode``: ``"polynomial"`` (default), ``"eigh"`` (exact; the same as ``exact=True``; the
+    cheapest exact choice on CPU) or ``"msign"`` (exact to float rounding from float32 matrix
+    products only, :func:`fx_spectral.msign.msign_clip`: the accelerator choice).
 
     Polynomial mode (default): four odd steps :math:`\sigma \leftarrow \sigma(a + b\sigma^2 +
     c\sigma^4)` (:data:`HARD_CAP_COEFFICIENTS`) on ``W / w_max``, times ``w_max``: 0.5→0.498,
@@ -440,6 +446,20 @@ def hard_cap(
     _check_matrix(W, "hard_cap")
     if not w_max > 0:
         raise ValueError(f"hard_cap: w_max must be > 0, got {w_max}")
+    if mode not in HARD_CAP_MODES:
+        raise ValueError(f"hard_cap: mode must be one of {HARD_CAP_MODES}, got {mode!r}")
+    if exact and mode not in (None, "eigh"):
+        raise ValueError(f"hard_cap: exact=True means mode='eigh'; it conflicts with mode={mode!r}")
+    if mode == "msign":
+        from fx_spectral.msign import msign_clip
+
+        if matmul_dtype is not None and matmul_dtype.itemsize < 4:
+            raise ValueError(
+                f"hard_cap: mode='msign' runs its products in float32 at least (16-bit products leave the "
+                f"polar factor's singular vectors off by several percent); got matmul_dtype={matmul_dtype}"
+            )
+        return msign_clip(W, w_max, dtype=dtype)
+    exact = exact or mode == "eigh"
     X = _compute(W, dtype)
     if not exact:
         X = _into_range(X / w_max, _HARD_CAP_RANGE, margin=1.1)
@@ -473,6 +493,9 @@ def _exact_cap_pass(Xe: Tensor, w_max: float) -> tuple[Tensor, Tensor]:
     inside = (g == 1).all(-1)[..., None, None]  # nothing to cap: the input itself, not Q Qᵀ X
     return torch.where(inside, Xe, Y), sigma[..., -1] / bound.squeeze(-1)
 
+
+#: ``hard_cap``'s modes (None: "eigh" with ``exact=True``, else "polynomial").
+HARD_CAP_MODES = (None, "polynomial", "eigh", "msign")
 
 #: The hard-cap polynomial stays within 1% of 1 up to about 3.5, then turns negative and diverges.
 _HARD_CAP_RANGE = 3.0

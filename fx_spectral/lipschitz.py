@@ -31,7 +31,9 @@ sub-block ``x <- (1-a) x + a f(x)`` contributes ``(1-a) + a Lip(f)``, the head `
 The radius is propagated the same way: ``R <- ((1-a) + a g) R`` with the gains
 ``g_attn = min(||W_o|| sqrt(sum_h ||W_v^h||^2), sum_h ||W_o^h|| ||W_v^h||)`` (attention outputs are
 convex combinations of values) and ``g_mlp = ||W_out|| ||W_in|| / 1.1289``
-(``|GELU(x)| <= |x|``).
+(``|GELU(x)| <= |x|``). With ``attn_input_radius = rho`` every attention sees its input
+projected onto the ball of radius ``rho`` (a 1-Lipschitz map), so its ``b_h`` uses
+``min(R, rho)`` in place of ``R``, and the radius after it is ``(1-a) R + a g_attn min(R, rho)``.
 
 Example::
 
@@ -137,9 +139,12 @@ def _attention_factors(attn: Attention, radius: float) -> tuple[float, float]:
 def _transformer_terms(model: LipschitzTransformer, radius: float) -> list[LipschitzTerm]:
     a = model.config.residual_weight
     terms: list[LipschitzTerm] = []
+    ball = model.config.attn_input_radius
     for i, block in enumerate(model.layers):
-        lip, gain = _attention_factors(block.attn, radius)
-        radius = ((1 - a) + a * gain) * radius
+        # attention sees P_R(x): tokens of norm <= min(radius, R); P_R is 1-Lipschitz
+        seen = radius if ball is None else min(radius, float(ball))
+        lip, gain = _attention_factors(block.attn, seen)
+        radius = (1 - a) * radius + a * gain * seen
         terms.append(LipschitzTerm(f"layers.{i}.attn", (1 - a) + a * lip, radius))
         prod = float(_sigma(block.mlp.fc_out.weight) * _sigma(block.mlp.fc_in.weight))
         lip, gain = prod * _GELU_SLOPE / GELU_LIPSCHITZ, prod / GELU_LIPSCHITZ

@@ -132,10 +132,27 @@ class _Polynomial(_Method):
 
 @dataclass(frozen=True, kw_only=True)
 class HardCap(_Polynomial):
-    """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or ``exact``."""
+    """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or exact.
+
+    ``exact=True`` or ``mode="eigh"``: exact, by an eigendecomposition (the CPU choice);
+    ``mode="msign"``: exact to float rounding by float32 matrix products only
+    (:func:`fx_spectral.msign.msign_clip`, the accelerator choice; ``matmul_dtype="auto"`` means
+    float32 there, a 16-bit ``matmul_dtype`` is refused).
+    """
 
     name: ClassVar[str] = "hard_cap"
     exact: bool = False
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode not in C.HARD_CAP_MODES:
+            raise ValueError(f"HardCap: mode must be one of {C.HARD_CAP_MODES}, got {self.mode!r}")
+        if self.exact and self.mode not in (None, "eigh"):
+            raise ValueError(f"HardCap: exact=True means mode='eigh'; it conflicts with mode={self.mode!r}")
+        m = self.matmul_dtype
+        if self.mode == "msign" and isinstance(m, torch.dtype) and m.itemsize < 4:
+            raise ValueError(f"HardCap: mode='msign' runs its products in float32 at least, got matmul_dtype={m}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,7 +345,13 @@ _HANDLERS: dict[type[_Method], Callable[[Tensor, Any, ProjectionContext], Tensor
     SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(
         X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx, cfg.exact)
     ),
-    HardCap: lambda X, cfg, ctx: C.hard_cap(X, ctx.w_max, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx)),
+    HardCap: lambda X, cfg, ctx: C.hard_cap(
+        X,
+        ctx.w_max,
+        exact=cfg.exact,
+        mode=cfg.mode,
+        matmul_dtype=None if cfg.mode == "msign" else cfg.products_dtype(ctx),  # msign: float32 products
+    ),
     SoftCap: _soft_cap,
     PureSVD: lambda X, cfg, ctx: C.pure_svd(X, ctx.w_max),
     Orthogonalize: _orthogonalize,

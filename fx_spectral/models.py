@@ -15,6 +15,11 @@ The architecture is chosen so that a Lipschitz bound can be read off the weights
   activation is 1-Lipschitz and ``|act(x)| <= |x|``);
 * residual connections are convex combinations, ``x <- (1 - 1/(2L)) x + (1/(2L)) block(x)``,
   with ``L`` the number of layers (so ``2L`` sub-blocks in all);
+* optionally (``attn_input_radius=R``) every token is projected onto the l2 ball of radius ``R``
+  before each attention, ``x_i -> x_i min(1, R / ||x_i||_2)`` (:func:`ball_project`): a projection
+  onto a convex set is 1-Lipschitz, so it costs nothing in the bound, and the attention's softmax
+  term (which grows with the square of its input radius) stays at ``R`` however the residual
+  stream grows with depth;
 * a bias-free LM head.
 
 Example::
@@ -41,6 +46,7 @@ __all__ = [
     "LipschitzTransformerConfig",
     "MLP",
     "ScaledGELU",
+    "ball_project",
 ]
 
 #: The largest slope of GELU, ``Phi(sqrt 2) + sqrt 2 * phi(sqrt 2)`` (exact GELU, not tanh).
@@ -61,6 +67,8 @@ class LipschitzTransformerConfig:
         embed_max_norm: l2 cap of every embedding row, i.e. the input radius ``r`` the Lipschitz
             bound is certified for. ``None`` leaves the rows free (no certificate then).
         rope_base: base of the rotary frequencies.
+        attn_input_radius: ``R``: each attention sees its input tokens projected onto the l2 ball
+            of radius ``R`` (the residual stream itself is not projected). ``None``: no projection.
     """
 
     vocab_size: int
@@ -71,6 +79,7 @@ class LipschitzTransformerConfig:
     max_seq_len: int = 256
     embed_max_norm: float | None = 1.0
     rope_base: float = 10000.0
+    attn_input_radius: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "mlp_ratio", "max_seq_len"):
@@ -86,6 +95,11 @@ class LipschitzTransformerConfig:
         if self.embed_max_norm is not None and not self.embed_max_norm > 0:
             raise ValueError(
                 f"LipschitzTransformerConfig.embed_max_norm: expected > 0 or None, got {self.embed_max_norm!r}"
+            )
+        r = self.attn_input_radius
+        if r is not None and not (isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < math.inf):
+            raise ValueError(
+                f"LipschitzTransformerConfig.attn_input_radius: expected a finite float > 0 or None, got {r!r}"
             )
 
     @property
@@ -103,6 +117,21 @@ class ScaledGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x) / GELU_LIPSCHITZ
+
+
+def ball_project(x: torch.Tensor, radius: float) -> torch.Tensor:
+    r"""Project every row (token) of ``x`` onto the l2 ball of radius ``radius``.
+
+    :math:`x_i \mapsto x_i \min(1, R / \lVert x_i\rVert_2)`: the Euclidean projection onto a
+    convex set, so 1-Lipschitz per token (and in the norm :math:`\max_i \lVert x_i\rVert_2`).
+    Rows already inside are returned unchanged; a zero row stays zero.
+
+    Example::
+
+        >>> ball_project(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), 1.0)  # rows (0.6, 0.8), (0.3, 0.4)
+    """
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * (radius / norm.clamp_min(radius))
 
 
 def _rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,16 +194,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """``x <- (1-a) x + a attn(x)`` then ``x <- (1-a) x + a mlp(x)`` with ``a = 1/(2L)``."""
+    """``x <- (1-a) x + a attn(P_R(x))`` then ``x <- (1-a) x + a mlp(x)`` with ``a = 1/(2L)``.
+
+    ``P_R`` is :func:`ball_project` with ``R = attn_input_radius`` (the identity when ``None``).
+    """
 
     def __init__(self, cfg: LipschitzTransformerConfig) -> None:
         super().__init__()
         self.a = cfg.residual_weight
+        self.attn_input_radius = cfg.attn_input_radius
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (1 - self.a) * x + self.a * self.attn(x)
+        h = x if self.attn_input_radius is None else ball_project(x, self.attn_input_radius)
+        x = (1 - self.a) * x + self.a * self.attn(h)
         return (1 - self.a) * x + self.a * self.mlp(x)
 
 

@@ -83,7 +83,8 @@ def test_constrained_weights_respect_caps_and_bound(result):
     for name, sigma in c["rms_norms"].items():
         if name.startswith("layers."):
             assert c["constrain_report"][name]["sigma"] == pytest.approx(sigma, rel=1e-4)
-    # the bound the caps allow: attention (1-a) + a*b, MLP (1-a) + a*w^2*1.0000037, head
+    # the bound the caps allow: attention (1-a) + a*b (its input projected onto the ball of radius
+    # sqrt(dim)), MLP (1-a) + a*w^2*1.0000037, head
     a = 1 / (2 * cfg.n_layers)
     r2 = cfg.dim  # radius sqrt(dim)
     dh = cfg.dim // cfg.n_heads
@@ -128,7 +129,31 @@ def test_cli_arguments(tmp_path, capsys, corpus, monkeypatch):
             assert sigma <= 0.5 * (1 + 1e-4), name
 
 
+def test_cli_constrained_only_msign_mode_no_ball(tmp_path, capsys, corpus, monkeypatch):
+    monkeypatch.setattr(demo, "load_stdlib_corpus", lambda: corpus)
+    args = "--steps 2 --dim 8 --layers 1 --heads 1 --seq-len 8 --batch-size 2 --w-max 0.5 --no-twin"
+    status = demo.main([*args.split(), "--cap-mode", "msign", "--attn-ball", "0", "--out", str(tmp_path)])
+    assert status == 0 and "twin" not in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["models"].keys() == {"constrained"}
+    assert metrics["config"]["cap_mode"] == "msign" and metrics["config"]["attn_ball"] is None
+    for name, sigma in metrics["models"]["constrained"]["rms_norms"].items():
+        if ".attn.wv." in name or ".attn.wo." in name:
+            assert sigma <= 0.5 * (1 + 1e-4), name
+
+
+def test_default_is_the_exact_cap_with_the_ball(result):
+    cfg, _, metrics = result
+    assert cfg.method == "hard_cap" and cfg.cap_mode == "eigh" and cfg.attn_ball == 1.0
+    assert cfg.method_options == {"mode": "eigh"}
+    assert demo.DemoConfig(method="soft_cap").method_options == {}
+    # the twin is the plain architecture; the constrained model's bound uses the ball's radius
+    assert metrics["models"]["twin"]["lipschitz_bound"] > metrics["models"]["constrained"]["lipschitz_bound"]
+
+
 def test_bad_config():
+    with pytest.raises(ValueError, match="DemoConfig.attn_ball"):
+        demo.DemoConfig(attn_ball=0.0)
     with pytest.raises(ValueError, match="DemoConfig.steps"):
         demo.DemoConfig(steps=0)
     with pytest.raises(ValueError, match="DemoConfig.w_max"):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fx_spectral.lipschitz import _attention_factors, lipschitz_bound, lipschitz_terms, rms_operator_norms
-from fx_spectral.models import LipschitzTransformer, LipschitzTransformerConfig, ScaledGELU
+from fx_spectral.models import LipschitzTransformer, LipschitzTransformerConfig, ScaledGELU, ball_project
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,10 +100,12 @@ def test_sequential_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-def _sharp_transformer(seed=0, radius=3.0):
+def _sharp_transformer(seed=0, radius=3.0, ball=None):
     """Tiny model with large Q/K so that attention is far from linear on the input ball."""
     torch.manual_seed(seed)
-    cfg = LipschitzTransformerConfig(vocab_size=11, dim=16, n_layers=2, n_heads=2, max_seq_len=6, embed_max_norm=radius)
+    cfg = LipschitzTransformerConfig(
+        vocab_size=11, dim=16, n_layers=2, n_heads=2, max_seq_len=6, embed_max_norm=radius, attn_input_radius=ball
+    )
     model = LipschitzTransformer(cfg).double()
     with torch.no_grad():
         for block in model.layers:
@@ -153,6 +155,38 @@ def test_transformer_terms_match_exact_norms():
     expected = min(s(wo) * math.hypot(*b), sum(s(wo[:, h]) * bh for h, bh in zip(rows, b)))
     assert terms[0].factor == pytest.approx((1 - a) + a * expected, rel=1e-9)
     assert math.prod(t.factor for t in terms) == pytest.approx(lipschitz_bound(model), rel=1e-12)
+
+
+def test_ball_projection():
+    x = torch.tensor([[[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]]], dtype=torch.float64)
+    torch.testing.assert_close(ball_project(x, 1.0), torch.tensor([[[0.6, 0.8], [0.3, 0.4], [0.0, 0.0]]]).double())
+    # 1-Lipschitz per token: the Jacobian of one row has spectral norm <= 1 (outside and inside)
+    for row in (torch.tensor([3.0, -1.0, 2.0]), torch.tensor([0.1, 0.2, -0.3])):
+        J = torch.autograd.functional.jacobian(lambda r: ball_project(r, 1.0), row.double())
+        assert torch.linalg.matrix_norm(J, ord=2) <= 1 + 1e-12
+    with pytest.raises(ValueError, match="attn_input_radius"):
+        LipschitzTransformerConfig(vocab_size=5, dim=8, n_heads=2, attn_input_radius=0.0)
+
+
+def test_ball_projection_bound_above_empirical_and_smaller():
+    # the projection (radius 1.5 < the tokens' 3) is active from the first attention on
+    model = _sharp_transformer(1, ball=1.5)
+    plain = _sharp_transformer(1)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    x = 3.0 * torch.nn.functional.normalize(torch.randn(2, 5, 16, dtype=torch.float64), dim=-1)
+    assert not torch.allclose(model.forward_embeddings(x), plain.forward_embeddings(x))  # it does act
+    bound = lipschitz_bound(model)
+    assert bound < lipschitz_bound(plain)  # the softmax term is paid at radius 1.5, not 3
+    emp = empirical_lipschitz(model.forward_embeddings, (5, 16), radius=3.0, seed=1)
+    assert 0 < emp <= bound
+    # the attention factor is the one of radius min(R_propagated, 1.5); the radius after it mixes both
+    a = model.config.residual_weight
+    terms = lipschitz_terms(model)
+    lip, gain = _attention_factors(model.layers[0].attn, 1.5)
+    assert terms[0].factor == pytest.approx((1 - a) + a * lip, rel=1e-12)
+    assert terms[0].radius == pytest.approx((1 - a) * 3.0 + a * gain * 1.5, rel=1e-12)
+    lip1, _ = _attention_factors(model.layers[1].attn, min(terms[1].radius, 1.5))
+    assert terms[2].factor == pytest.approx((1 - a) + a * lip1, rel=1e-12)
 
 
 def test_embedding_rows_respect_the_radius():

@@ -9,11 +9,14 @@ validation when ``crc32(name) % 10 == 0``; deterministic, no download).
 Two models start from the same weights and see the same batches:
 
 * **constrained**: ``torch.optim.Muon`` on the hidden matrices (Q, K, V, O, MLP) with
-  :func:`fx_spectral.constrain.constrain` projecting them after every step (default
-  ``"soft_cap"``, its strength coupled to Muon's learning rate); the LM head has its own Muon and
-  its own cap (same method); AdamW on the embedding and the position bias; embedding rows are
-  capped by ``max_norm``;
-* **twin**: the same architecture trained by AdamW with no constraint.
+  :func:`fx_spectral.constrain.constrain` projecting them after every step (default: the exact
+  cap ``"hard_cap"`` with ``mode="eigh"``); every token is projected onto the ball of radius
+  ``attn_ball * sqrt(dim)`` before each attention (1-Lipschitz, so free in the bound; it keeps the
+  attention's softmax term from growing with depth); the LM head has its own Muon and its own cap
+  (same method); AdamW on the embedding and the position bias; embedding rows are capped by
+  ``max_norm``;
+* **twin**: the plain architecture (no ball projection) from the same initial weights, trained by
+  AdamW with no constraint.
 
 At the end it prints validation accuracy, the certified Lipschitz bound
 (:func:`fx_spectral.lipschitz.lipschitz_bound`: logits vs. embedded inputs, largest per-token
@@ -23,13 +26,13 @@ activations of both models, and writes ``metrics.json`` and ``lipschitz_demo.png
 Example::
 
     $ fx-spectral demo                       # default budget, ~1.5 minutes (one core)
-    $ fx-spectral demo --steps 2000 --w-max 1.0 --method hard_cap --out /tmp/demo
+    $ fx-spectral demo --steps 2000 --w-max 1.0 --method soft_cap --attn-ball 0 --out /tmp/demo
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import math
 import sys
@@ -64,8 +67,10 @@ class DemoConfig:
     n_layers: int = 2
     n_heads: int = 1
     embed_max_norm: float | None = None  # None: sqrt(dim), i.e. unit RMS per token
-    method: str = "soft_cap"
-    w_max: float = 1.6  # RMS->RMS cap of the attention's V and O
+    method: str = "hard_cap"
+    cap_mode: str | None = "eigh"  # hard_cap's mode (exact by eigh; "msign" on accelerators)
+    attn_ball: float | None = 1.0  # tokens projected onto the ball of radius attn_ball * radius before attention
+    w_max: float = 1.5  # RMS->RMS cap of the attention's V and O
     w_max_qk: float = 0.3  # RMS->RMS cap of Q and K (how sharp content-based attention can be)
     w_max_mlp: float = 1.8  # RMS->RMS cap of the MLP's two weights
     w_max_head: float = 2.0  # cap of the LM head, l2 operator norm (the bound's last factor)
@@ -88,6 +93,13 @@ class DemoConfig:
                 raise ValueError(f"DemoConfig.{name}: expected > 0, got {getattr(self, name)!r}")
         if not 0 <= self.warmdown <= 1:
             raise ValueError(f"DemoConfig.warmdown: expected in [0, 1], got {self.warmdown!r}")
+        if self.attn_ball is not None and not self.attn_ball > 0:
+            raise ValueError(f"DemoConfig.attn_ball: expected > 0 or None, got {self.attn_ball!r}")
+
+    @property
+    def method_options(self) -> dict:
+        """Options passed to ``constrain()`` with ``method`` (hard_cap's ``mode``)."""
+        return {"mode": self.cap_mode} if self.method == "hard_cap" and self.cap_mode is not None else {}
 
     @property
     def radius(self) -> float:
@@ -169,12 +181,17 @@ def _build_constrained(model: nn.Module, cfg: DemoConfig):
         "*.mlp.*": cfg.w_max_mlp,
         "*": cfg.w_max,
     }
-    hidden_handle = constrain(model, muon, cfg.method, w_max=w_max)
+    hidden_handle = constrain(model, muon, cfg.method, w_max=w_max, **cfg.method_options)
     hidden_handle.project("pure_svd")  # start inside the ball
     # The head is capped in l2 units; constrain() works in RMS->RMS units (scale sqrt(out/in)).
     out_f, in_f = model.lm_head.weight.shape
     head_handle = constrain(
-        model, head_muon, cfg.method, w_max=cfg.w_max_head / math.sqrt(out_f / in_f), include="lm_head.weight"
+        model,
+        head_muon,
+        cfg.method,
+        w_max=cfg.w_max_head / math.sqrt(out_f / in_f),
+        include="lm_head.weight",
+        **cfg.method_options,
     )
     head_handle.project("pure_svd")
     return optimizers, [hidden_handle, head_handle], timers
@@ -275,8 +292,13 @@ def run(
     progress: bool = True,
     corpus: tuple[Tensor, Tensor, dict] | None = None,
     stream=None,
+    twin: bool = True,
 ) -> dict:
-    """Train both models, write ``metrics.json`` and ``lipschitz_demo.png`` to ``out``, return the metrics."""
+    """Train both models, write ``metrics.json`` and ``lipschitz_demo.png`` to ``out``, return the metrics.
+
+    ``twin=False`` trains the constrained model only (the twin does not depend on the caps, the
+    method or ``attn_ball``: a sweep over those trains it once per seed).
+    """
     stream = stream if stream is not None else sys.stdout
     t_start = time.perf_counter()
     train, val, info = corpus if corpus is not None else load_stdlib_corpus()
@@ -297,19 +319,27 @@ def run(
         max_seq_len=cfg.seq_len,
         embed_max_norm=cfg.radius,
     )
-    constrained = LipschitzTransformer(mcfg)
-    twin = copy.deepcopy(constrained)
+    ball = None if cfg.attn_ball is None else cfg.attn_ball * cfg.radius
+    constrained = LipschitzTransformer(dataclasses.replace(mcfg, attn_input_radius=ball))
+    # the twin is the plain architecture (no ball projection: nothing in it is there for the
+    # bound), from the same initial weights (the projection has no parameters)
+    with torch.random.fork_rng():  # (its own init draws are overwritten: leave the RNG as it was)
+        twin_model = LipschitzTransformer(mcfg)
+    twin_model.load_state_dict(constrained.state_dict())
 
     optimizers, handles, timers = _build_constrained(constrained, cfg)
     results = {}
     hist, timing = _train("constrained", constrained, optimizers, timers, train, cfg, progress)
     results["constrained"] = (hist, timing)
-    twin_opt = torch.optim.AdamW(twin.parameters(), lr=cfg.twin_lr, weight_decay=0.0)
-    hist, timing = _train("twin", twin, [twin_opt], None, train, cfg, progress)
-    results["twin"] = (hist, timing)
+    models = [("constrained", constrained)]
+    if twin:
+        twin_opt = torch.optim.AdamW(twin_model.parameters(), lr=cfg.twin_lr, weight_decay=0.0)
+        hist, timing = _train("twin", twin_model, [twin_opt], None, train, cfg, progress)
+        results["twin"] = (hist, timing)
+        models.append(("twin", twin_model))
 
     metrics = {"config": asdict(cfg), "corpus": info, "models": {}}
-    for name, model in (("constrained", constrained), ("twin", twin)):
+    for name, model in models:
         acc, loss = _evaluate(model, val_batches)
         hist, timing = results[name]
         terms = lipschitz_terms(model, input_radius=cfg.radius)
@@ -342,6 +372,8 @@ def _plot(metrics: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, style in (("constrained", "-"), ("twin", "--")):
+        if name not in metrics["models"]:
+            continue
         hist = metrics["models"][name]["history"]
         steps = [h["step"] for h in hist]
         axes[0].plot(steps, [h["loss"] for h in hist], style, label=name)
@@ -360,23 +392,27 @@ def _plot(metrics: dict, path: Path) -> None:
 
 
 def _print_summary(metrics: dict, out: Path, stream) -> None:
-    c, t = metrics["models"]["constrained"], metrics["models"]["twin"]
+    models = metrics["models"]
+    names = [n for n in ("constrained", "twin") if n in models]
+    c = models["constrained"]
     p = lambda *a: print(*a, file=stream)  # noqa: E731
+    row = lambda label, key, fmt: p(f"{label:28}" + "".join(f"{models[n][key]:>14{fmt}}" for n in names))  # noqa: E731
     p("")
-    p(f"{'':28}{'constrained':>14}{'twin':>14}")
-    p(f"{'validation accuracy':28}{c['val_accuracy']:>14.4f}{t['val_accuracy']:>14.4f}")
-    p(f"{'validation loss (nats)':28}{c['val_loss']:>14.4f}{t['val_loss']:>14.4f}")
-    p(f"{'certified Lipschitz bound':28}{c['lipschitz_bound']:>14.4g}{t['lipschitz_bound']:>14.4g}")
+    p(f"{'':28}" + "".join(f"{n:>14}" for n in names))
+    row("validation accuracy", "val_accuracy", ".4f")
+    row("validation loss (nats)", "val_loss", ".4f")
+    row("certified Lipschitz bound", "lipschitz_bound", ".4g")
     p("per-layer RMS->RMS norms:")
     for k in c["rms_norms"]:
-        p(f"  {k:26}{c['rms_norms'][k]:>14.4f}{t['rms_norms'][k]:>14.4f}")
+        p(f"  {k:26}" + "".join(f"{models[n]['rms_norms'][k]:>14.4f}" for n in names))
     p("largest |activation|:")
     for k in c["max_activations"]:
-        p(f"  {k:26}{c['max_activations'][k]:>14.4g}{t['max_activations'][k]:>14.4g}")
+        p(f"  {k:26}" + "".join(f"{models[n]['max_activations'][k]:>14.4g}" for n in names))
     ct = c["timing"]
+    twin = f", twin {models['twin']['timing']['step_ms']:.1f} ms" if "twin" in models else ""
     p(
         f"time per step: constrained {ct['step_ms']:.1f} ms (Muon+AdamW {ct['optimizer_ms']:.2f} ms, "
-        f"constrain() {ct['constrain_ms']:.2f} ms), twin {t['timing']['step_ms']:.1f} ms"
+        f"constrain() {ct['constrain_ms']:.2f} ms){twin}"
     )
     p(f"wall time {metrics['wall_s']:.1f} s; wrote {out / 'metrics.json'} and {out / 'lipschitz_demo.png'}")
 
@@ -391,6 +427,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--steps", type=int, default=d.steps, help="training steps per model (default %(default)s)")
     a("--method", default=d.method, help="constrain() method for the hidden weights (default %(default)s)")
+    a(
+        "--cap-mode",
+        default=d.cap_mode,
+        choices=["polynomial", "eigh", "msign"],
+        help="hard_cap's mode (default %(default)s: exact, eigendecomposition; msign: exact, matrix products)",
+    )
+    a(
+        "--attn-ball",
+        type=float,
+        default=d.attn_ball,
+        help="project tokens onto the ball of radius ATTN_BALL*sqrt(dim) before each attention; 0: off "
+        "(default %(default)s)",
+    )
+    a("--no-twin", action="store_true", help="train the constrained model only")
     a("--w-max", type=float, default=d.w_max, help="RMS->RMS cap of attention V, O (default %(default)s)")
     a("--w-max-qk", type=float, default=d.w_max_qk, help="RMS->RMS cap of Q, K (default %(default)s)")
     a("--w-max-mlp", type=float, default=d.w_max_mlp, help="RMS->RMS cap of the MLP (default %(default)s)")
@@ -439,13 +489,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _run_args(args: argparse.Namespace) -> None:
-    run(_config(args), out=args.out, progress=not args.no_progress)
+    run(_config(args), out=args.out, progress=not args.no_progress, twin=not args.no_twin)
 
 
 def _config(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(
         steps=args.steps,
         method=args.method,
+        cap_mode=args.cap_mode,
+        attn_ball=args.attn_ball or None,
         w_max=args.w_max,
         w_max_qk=args.w_max_qk,
         w_max_mlp=args.w_max_mlp,
