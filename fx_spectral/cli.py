@@ -33,7 +33,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(
-        help="train a Lipschitz transformer (Muon + soft cap) next to an unconstrained twin on Python's "
+        help="train a Lipschitz transformer (Muon + exact hard cap) next to an unconstrained twin on Python's "
         "stdlib source; print accuracy, certified Lipschitz bounds, norms, activations; write a plot and JSON",
         module="fx_spectral.demos.lipschitz",
     ),
