@@ -27,13 +27,13 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, is_lazy
+from torch.nn.parameter import UninitializedBuffer, UninitializedTensorMixin, is_lazy
 from torch.nn.utils import parametrize
 
 __all__ = [
@@ -52,6 +52,9 @@ __all__ = [
 # torch runs 15 in _SpectralNorm.__init__ plus one more when register_parametrization checks the
 # parametrization with a training forward: 16 gives torch's initial u/v for the same RNG state.
 N_WARMUP_ITERATIONS = 16
+# Operator mode: a conv's top singular values lie close together (neighbouring frequencies), so the
+# power iteration converges far slower than on the small reshaped kernel; one-example convs are cheap.
+N_OPERATOR_WARMUP_ITERATIONS = 100
 
 _LINEAR = (nn.Linear,)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -250,7 +253,7 @@ class _SNParam:
     n_power_iterations: int
     eps: float
     mode: str = "matrix"  # "operator": sigma of the convolution operator (see _operator_forward)
-    where: str = ""  # the module path, for error messages
+    where: str = field(default="", compare=False)  # the module path, for error messages
 
 
 def _sn_weight(module: nn.Module, name: str) -> Tensor:
@@ -526,7 +529,7 @@ def _materialize_operator_uv(module: nn.Module, spatial: tuple[int, ...], output
     v = v.view(1, module.in_channels, *spatial)
     out = _op_apply(op, weight, v)
     u = F.normalize(torch.randn_like(out).flatten(), dim=0, eps=cfg.eps).view_as(out)
-    for _ in range(N_WARMUP_ITERATIONS):
+    for _ in range(N_OPERATOR_WARMUP_ITERATIONS):
         u, _ = _normalize_or_keep(_op_apply(op, weight, v), u, cfg.eps)
         v, _ = _normalize_or_keep(_op_adjoint(op, weight, u, v), v, cfg.eps)
     for buf, val in ((module.weight_u, u[0]), (module.weight_v, v[0])):
@@ -564,7 +567,7 @@ def _operator_weight(module: nn.Module, input: Tensor, output_padding: tuple[int
     """The normalized weight for this forward: checks (or, at the first forward, sets) the input shape."""
     n = len(module.kernel_size)
     spatial = tuple(input.shape[-n:])
-    if is_lazy(module.weight_v):
+    if isinstance(module.weight_v, UninitializedTensorMixin):  # (is_lazy, in a form dynamo traces)
         if torch.compiler.is_compiling():
             raise RuntimeError(f"{module._sn_params['weight'].where}: operator-mode u/v are created at the "
                                "first forward; run one eager forward (or pass input_shape=) before torch.compile")
@@ -608,6 +611,16 @@ def _conv_transpose_operator_forward(self, input: Tensor, output_size: list[int]
 
 
 _OPERATOR_FORWARD = {_conv_forward: _conv_operator_forward, _conv_transpose_forward: _conv_transpose_operator_forward}
+
+
+def _operator_save_to_state_dict(self, destination, prefix, keep_vars):
+    # Before the first forward u/v are uninitialized: save them as they are (as the Lazy modules do).
+    if not is_lazy(self._buffers["weight_u"]):
+        return self._sn_base._save_to_state_dict(self, destination, prefix, keep_vars)
+    with _uv_set_aside(self) as uv:
+        self._sn_base._save_to_state_dict(self, destination, prefix, keep_vars)
+    for key in ("weight_u", "weight_v"):
+        destination[prefix + key] = uv[key]
 
 
 def _operator_load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -735,6 +748,7 @@ def _spectral_class(base: type[nn.Module], names: tuple[str, ...], operator: boo
     if operator:
         ns["forward"] = _OPERATOR_FORWARD[fast]
         ns["_load_from_state_dict"] = _operator_load_from_state_dict
+        ns["_save_to_state_dict"] = _operator_save_to_state_dict
     elif fast is not None:
         ns["forward"] = fast
     else:
@@ -975,7 +989,6 @@ def _spectral_norm(module, name, n_power_iterations, eps, dim, where, mode="matr
         raise TypeError(f"spectral_norm: expected an nn.Module, got {type(module).__name__}")
     names = _names(name, where)
     _check_options(n_power_iterations, eps, where)
-    _check_mode(mode, where)
     configs = {
         n: _param_config(module, n, dim, n_power_iterations, eps, f"{where}.{n}", mode, input_shape) for n in names
     }
@@ -1061,7 +1074,6 @@ def apply_spectral_norm(
     """
     names = _names(name, "apply_spectral_norm")
     _check_options(n_power_iterations, eps, "apply_spectral_norm")
-    _check_mode(mode, f"apply_spectral_norm({type(model).__name__})")
     plan: list[tuple[nn.Module, dict[str, _SNParam]]] = []
     done: list[str] = []
     # MultiheadAttention reads out_proj.weight itself (F.multi_head_attention_forward), never
@@ -1083,6 +1095,7 @@ def apply_spectral_norm(
         if configs:
             plan.append((module, configs))
             done += [f"{fqn}.{n}" if fqn else n for n in configs]
+    _check_mode(mode, "apply_spectral_norm")  # (each module checked it already, naming its path)
     for module, configs in plan:
         _attach(module, configs)
     return done
