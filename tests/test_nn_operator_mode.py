@@ -61,6 +61,7 @@ def _train(module: nn.Module, shape, steps: int = 8) -> list[float]:
     return norms
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 @pytest.mark.parametrize("case", list(CASES))
 def test_operator_mode_is_1_lipschitz_during_training(case):
     make, shape = CASES[case]
@@ -140,6 +141,8 @@ def test_state_round_trips_and_eval_does_not_update():
     x = torch.randn(2, 3, 8, 8)
     m = spectral_norm(nn.Conv2d(3, 4, 3, stride=2, padding=1), mode="operator")
     assert sorted(m.state_dict()) == ["bias", "weight", "weight_u", "weight_v"]
+    unrun = copy.deepcopy(m)  # before the first forward: u/v not created yet, the copy creates its own
+    assert unrun(x).shape == (2, 4, 4, 4) and unrun.weight_v.shape == (3, 8, 8)
     m(x)
     m.eval()
     before = (m.weight_u.clone(), m.weight_v.clone())
