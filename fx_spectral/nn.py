@@ -14,6 +14,10 @@ and its object identity; the power-iteration vectors are float32 buffers ``{name
 ``{name}_v`` on the module that owns the parameter. ``module.weight`` stays the raw parameter
 outside ``forward``; inside ``forward`` the module computes with ``W / sigma``.
 
+Operator mode (``mode="operator"``, Conv/ConvTranspose 1-3d): sigma is the norm of the convolution
+as a linear map of one example, :math:`\sigma = \langle u, A(W) v\rangle`, by the same power iteration
+on the conv and its adjoint, with u/v shaped like one output/input example (same buffer names).
+
 How it works: the module's class is swapped for a cached subclass whose ``forward`` feeds the
 normalized weight to the op (Linear, Conv, ConvTranspose: straight into the functional op; any
 other module: through a property that serves the normalized weight while ``forward`` runs). No

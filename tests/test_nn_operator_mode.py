@@ -28,6 +28,8 @@ CASES = {
     "reflect": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (3, 6, 6)),
     "replicate": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), (3, 6, 6)),
     "same_even": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (3, 6, 6)),
+    "dilated_groups": (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2), (4, 7, 7)),
+    "transposed_dilated_groups": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, dilation=2, groups=2), (4, 4, 4)),
 }
 
 
@@ -102,6 +104,20 @@ def test_gradient_flows_through_operator_sigma_gradcheck():
     sigma = spectral_sigma(m).double()
     g_const = torch.autograd.grad(nn.functional.conv2d(x, w / sigma, m.bias, 2, 1).sum(), w)[0]
     assert not torch.allclose(g, g_const, atol=1e-6)
+
+
+def test_double_backward_gradient_penalty():
+    # R1 / WGAN-GP style: the input gradient's norm, differentiated w.r.t. the weight (sigma included).
+    m = spectral_norm(nn.Conv2d(2, 3, 3, padding=1).double(), mode="operator", input_shape=(2, 5, 5)).eval()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = m.weight.detach().clone().requires_grad_()
+
+    def penalty(w):
+        out = functional_call(m, {"weight": w}, (x,))
+        (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        return gx.square().sum()
+
+    torch.autograd.gradcheck(penalty, (w,))
 
 
 def test_gradcheck_transposed():
