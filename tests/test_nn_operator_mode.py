@@ -219,6 +219,14 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(m.weight_u, eager.weight_u, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_export_matches_eager(training):
+    m = spectral_norm(nn.Conv2d(2, 3, 3, padding=1, stride=2), mode="operator", input_shape=(2, 8, 8)).train(training)
+    x = torch.randn(2, 2, 8, 8)
+    exported = torch.export.export(copy.deepcopy(m), (x,)).module()
+    torch.testing.assert_close(exported(x), m(x))
+
+
 def test_linear_operator_mode_is_matrix_mode():
     torch.manual_seed(1)
     a = spectral_norm(nn.Linear(5, 3), mode="operator")
