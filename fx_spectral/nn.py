@@ -14,6 +14,10 @@ and its object identity; the power-iteration vectors are float32 buffers ``{name
 ``{name}_v`` on the module that owns the parameter. ``module.weight`` stays the raw parameter
 outside ``forward``; inside ``forward`` the module computes with ``W / sigma``.
 
+Operator mode (``mode="operator"``, Conv/ConvTranspose 1-3d): sigma is the norm of the convolution
+as a linear map of one example, :math:`\sigma = \langle u, A(W) v\rangle`, by the same power iteration
+on the conv and its adjoint, with u/v shaped like one output/input example (same buffer names).
+
 How it works: the module's class is swapped for a cached subclass whose ``forward`` feeds the
 normalized weight to the op (Linear, Conv, ConvTranspose: straight into the functional op; any
 other module: through a property that serves the normalized weight while ``forward`` runs). No
@@ -27,13 +31,13 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, is_lazy
+from torch.nn.parameter import UninitializedBuffer, UninitializedTensorMixin, is_lazy
 from torch.nn.utils import parametrize
 
 __all__ = [
@@ -52,6 +56,9 @@ __all__ = [
 # torch runs 15 in _SpectralNorm.__init__ plus one more when register_parametrization checks the
 # parametrization with a training forward: 16 gives torch's initial u/v for the same RNG state.
 N_WARMUP_ITERATIONS = 16
+# Operator mode: a conv's top singular values lie close together (neighbouring frequencies), so the
+# power iteration converges far slower than on the small reshaped kernel; one-example convs are cheap.
+N_OPERATOR_WARMUP_ITERATIONS = 100
 
 _LINEAR = (nn.Linear,)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -249,6 +256,8 @@ class _SNParam:
     dim: int
     n_power_iterations: int
     eps: float
+    mode: str = "matrix"  # "operator": sigma of the convolution operator (see _operator_forward)
+    where: str = field(default="", compare=False)  # the module path, for error messages
 
 
 def _sn_weight(module: nn.Module, name: str) -> Tensor:
@@ -421,6 +430,213 @@ def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int, alpha: float = 1.0) -
         moved.addcmul_(a.view(-1, *[1] * (moved.dim() - 1)), b.view(1, *moved.shape[1:]), value=alpha)
 
 
+# --------------------------------------------------------------------------------------------
+# Operator mode: sigma of the convolution operator itself
+# --------------------------------------------------------------------------------------------
+#
+# The conv's operator A(W): one input example (C_in, *spatial_in) -> one output example. It is
+# an optional padding map P (padding_mode != "zeros", or an asymmetric padding="same") followed by
+# aten.convolution with numeric padding; its adjoint is P^T after convolution_backward's input
+# gradient (for conv and conv_transpose alike). v is shaped like one input example, u like one
+# output example: their shapes fix the operator (for ConvTranspose, u's shape fixes output_padding).
+
+
+@dataclass(frozen=True)
+class _ConvOperator:
+    pre_pad: tuple[int, ...] | None  # F.pad amounts, last dim first; None: no padding map
+    pad_mode: str  # F.pad mode: "constant", "circular", "reflect", "replicate"
+    conv_args: tuple  # aten.convolution's (stride, padding, dilation, transposed, output_padding, groups)
+
+
+def _operator_of(module: nn.Module, output_padding: tuple[int, ...] | None) -> _ConvOperator:
+    n = len(module.kernel_size)
+    stride, dilation, groups = tuple(module.stride), tuple(module.dilation), module.groups
+    if isinstance(module, _CONV_T):
+        args = (stride, tuple(module.padding), dilation, True, tuple(output_padding), groups)
+        return _ConvOperator(None, "constant", args)
+    zero_args = (stride, (0,) * n, dilation, False, (0,) * n, groups)
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return _ConvOperator(None, "constant", zero_args)
+        # "same": left = total // 2, right = the rest (torch's split, asymmetric for even kernels).
+        lr = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dilation, module.kernel_size)]
+    else:
+        if module.padding_mode == "zeros":
+            return _ConvOperator(None, "constant", (stride, tuple(module.padding)) + zero_args[2:])
+        lr = [(p, p) for p in module.padding]
+    pad = tuple(x for pair in reversed(lr) for x in pair)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return _ConvOperator(pad, mode, zero_args)
+
+
+def _op_pad(op: _ConvOperator, v: Tensor) -> Tensor:
+    return v if op.pre_pad is None else F.pad(v, op.pre_pad, mode=op.pad_mode)
+
+
+def _op_apply(op: _ConvOperator, w: Tensor, v: Tensor) -> Tensor:
+    """A(W) v for a batch of one: v (1, C_in, *spatial_in)."""
+    return torch.ops.aten.convolution(_op_pad(op, v), w, None, *op.conv_args)
+
+
+def _op_adjoint(op: _ConvOperator, w: Tensor, u: Tensor, v_like: Tensor) -> Tensor:
+    """A(W)^T u, shaped like ``v_like`` (the conv's input gradient, then the padding map's adjoint)."""
+    g = torch.ops.aten.convolution_backward(u, _op_pad(op, v_like), w, None, *op.conv_args, [True, False, False])[0]
+    if op.pre_pad is None:
+        return g
+    n = v_like.dim() - 2
+    if op.pad_mode in ("reflect", "replicate"):
+        kind = "reflection" if op.pad_mode == "reflect" else "replication"
+        return getattr(torch.ops.aten, f"{kind}_pad{n}d_backward")(g, v_like, list(op.pre_pad))
+    for j in range(n):  # constant / circular, one spatial dim at a time (last dim first, as F.pad)
+        d, (left, right), size = g.dim() - 1 - j, op.pre_pad[2 * j: 2 * j + 2], v_like.shape[-1 - j]
+        core = g.narrow(d, left, size)
+        if op.pad_mode == "circular":
+            # the left pad copied x[size-left:], the right pad x[:right]: add their gradients back there.
+            lead, tail = list(core.shape), list(core.shape)
+            lead[d], tail[d] = size - left, size - right
+            core = core + torch.cat([g.new_zeros(lead), g.narrow(d, 0, left)], d)
+            core = core + torch.cat([g.narrow(d, left + size, right), g.new_zeros(tail)], d)
+        g = core
+    return g
+
+
+def _write_uv_(u_buf: Tensor, v_buf: Tensor, u: Tensor, v: Tensor) -> None:
+    # NB: the float32 buffers are updated in place.
+    if _functorch_active():
+        torch.mul(u, 1, out=u_buf), torch.mul(v, 1, out=v_buf)
+    else:
+        u_buf.copy_(u)
+        v_buf.copy_(v)
+
+
+def _buffer_output_padding(module: nn.Module) -> tuple[int, ...] | None:
+    """ConvTranspose: the output_padding that maps v's spatial shape to u's; None for Conv."""
+    if not isinstance(module, _CONV_T):
+        return None
+    n = len(module.kernel_size)
+    pads = []
+    for i in range(n):
+        length, k, s, p, d = (module.weight_v.shape[1 + i], module.kernel_size[i], module.stride[i],
+                              module.padding[i], module.dilation[i])
+        pads.append(module.weight_u.shape[1 + i] - ((length - 1) * s - 2 * p + d * (k - 1) + 1))
+    return tuple(pads)
+
+
+@torch.no_grad()
+def _materialize_operator_uv(module: nn.Module, spatial: tuple[int, ...], output_padding) -> None:
+    """Create u/v for one input example of spatial shape ``spatial``, with the warm-up iterations."""
+    # NB: materializes the module's lazy u/v buffers in place.
+    cfg: _SNParam = module._sn_params["weight"]
+    weight = module.weight.detach().float()
+    op = _operator_of(module, output_padding)
+    v = F.normalize(weight.new_empty(1, module.in_channels, *spatial).normal_(0, 1).flatten(), dim=0, eps=cfg.eps)
+    v = v.view(1, module.in_channels, *spatial)
+    out = _op_apply(op, weight, v)
+    u = F.normalize(torch.randn_like(out).flatten(), dim=0, eps=cfg.eps).view_as(out)
+    for _ in range(N_OPERATOR_WARMUP_ITERATIONS):
+        u, _ = _normalize_or_keep(_op_apply(op, weight, v), u, cfg.eps)
+        v, _ = _normalize_or_keep(_op_adjoint(op, weight, u, v), v, cfg.eps)
+    for buf, val in ((module.weight_u, u[0]), (module.weight_v, v[0])):
+        buf.materialize(val.shape, device=val.device, dtype=torch.float32)
+        buf.copy_(val)
+
+
+def _operator_normalized_weight(module: nn.Module, training: bool) -> Tensor:
+    r"""``W / sigma_op`` with :math:`\sigma_{op} = \langle u, A(W) v\rangle` (u, v constants: the gradient
+    of sigma w.r.t. W is the conv's weight gradient for input v and output gradient u)."""
+    cfg: _SNParam = module._sn_params["weight"]
+    weight, u_buf, v_buf, eps = module.weight, module.weight_u, module.weight_v, cfg.eps
+    op = _operator_of(module, _buffer_output_padding(module))
+    dt = _compute_dtype(weight.dtype)
+    w = weight.to(dt)
+    with torch.no_grad():
+        wd = w.detach()
+        u, v = u_buf.to(dt).unsqueeze(0), v_buf.to(dt).unsqueeze(0)
+        if training:
+            for _ in range(cfg.n_power_iterations):
+                u, _ = _normalize_or_keep(_op_apply(op, wd, v), u, eps)
+                v, _ = _normalize_or_keep(_op_adjoint(op, wd, u, v), v, eps)
+            _write_uv_(u_buf, v_buf, u[0], v[0])
+        elif weight.requires_grad and torch.is_grad_enabled():
+            # NB: copies saved for backward: a later training forward updates the buffers in place.
+            u, v = u.clone(), v.clone()
+        v_in = _op_pad(op, v)
+    sigma = torch.sum(u * torch.ops.aten.convolution(v_in, w, None, *op.conv_args))
+    # Training: sigma = ||A^T u|| >= 0; eval: stale u/v may give any sign, only an exact 0 needs the guard.
+    sigma = sigma.clamp_min(eps) if training else torch.where(sigma == 0, eps, sigma)
+    return (w / sigma).to(weight.dtype)
+
+
+def _operator_weight(module: nn.Module, input: Tensor, output_padding: tuple[int, ...] | None) -> Tensor:
+    """The normalized weight for this forward: checks (or, at the first forward, sets) the input shape."""
+    n = len(module.kernel_size)
+    spatial = tuple(input.shape[-n:])
+    if isinstance(module.weight_v, UninitializedTensorMixin):  # (is_lazy, in a form dynamo traces)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"{module._sn_params['weight'].where}: operator-mode u/v are created at the "
+                               "first forward; run one eager forward (or pass input_shape=) before torch.compile")
+        _materialize_operator_uv(module, spatial, output_padding)
+    have = tuple(module.weight_v.shape[1:])
+    if have != spatial:
+        raise ValueError(
+            f"{module._sn_params['weight'].where}: operator-mode spectral norm was set up for inputs of spatial "
+            f"shape {have} (weight_v has shape {tuple(module.weight_v.shape)}), got an input of spatial shape "
+            f"{spatial}; the operator norm depends on the input shape. Re-apply spectral_norm(..., "
+            "mode='operator', input_shape=...) for the new shape, or keep the input shape fixed"
+        )
+    if output_padding is not None and tuple(output_padding) != _buffer_output_padding(module):
+        raise ValueError(
+            f"{module._sn_params['weight'].where}: operator-mode u/v were set up for output spatial shape "
+            f"{tuple(module.weight_u.shape[1:])}; this call's output_size gives output_padding "
+            f"{tuple(output_padding)} instead of {_buffer_output_padding(module)}"
+        )
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _operator_normalized_weight(module, module.training)
+    return _operator_normalized_weight(module, module.training)
+
+
+def _conv_operator_forward(self, input: Tensor) -> Tensor:
+    return self._conv_forward(input, _operator_weight(self, input, None), self.bias)
+
+
+def _conv_transpose_operator_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+    if self.padding_mode != "zeros":
+        raise ValueError(f"Only `zeros` padding mode is supported for {type(self).__name__}")
+    n = len(self.kernel_size)
+    output_padding = tuple(self._output_padding(
+        input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
+    ))
+    return _CONV_T_FN[n](
+        input, _operator_weight(self, input, output_padding), self.bias, self.stride, self.padding,
+        output_padding, self.groups, self.dilation,
+    )
+
+
+_OPERATOR_FORWARD = {_conv_forward: _conv_operator_forward, _conv_transpose_forward: _conv_transpose_operator_forward}
+
+
+def _operator_save_to_state_dict(self, destination, prefix, keep_vars):
+    # Before the first forward u/v are uninitialized: save them as they are (as the Lazy modules do).
+    if not is_lazy(self._buffers["weight_u"]):
+        return self._sn_base._save_to_state_dict(self, destination, prefix, keep_vars)
+    with _uv_set_aside(self) as uv:
+        self._sn_base._save_to_state_dict(self, destination, prefix, keep_vars)
+    for key in ("weight_u", "weight_v"):
+        destination[prefix + key] = uv[key]
+
+
+def _operator_load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    # A module that has not run yet has lazy u/v: take their shape (the input shape) from the checkpoint.
+    for key in ("weight_u", "weight_v"):
+        buf, src = self._buffers.get(key), state_dict.get(prefix + key)
+        if buf is not None and is_lazy(buf) and isinstance(src, Tensor):
+            # NB: materializes the buffer in place; the base class then copies the values.
+            buf.materialize(src.shape, device=buf.device, dtype=torch.float32)
+    return self._sn_base._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+
 def _generic_forward(self, *args, **kwargs):
     # NB: the normalized weights are served by the class properties while forward runs.
     self.__dict__["_sn_active"] = {name: _sn_weight(self, name) for name in self._sn_params}
@@ -447,18 +663,16 @@ def _fast_forward(base: type[nn.Module]) -> Callable | None:
     return None
 
 
-def _rebuild(base: type[nn.Module], names: tuple[str, ...], state: dict | None = None) -> nn.Module:
-    obj = _spectral_class(base, names).__new__(_spectral_class(base, names))
-    if state is not None:
-        obj.__setstate__(state)
-    return obj
+def _rebuild(base: type[nn.Module], names: tuple[str, ...], operator: bool = False) -> nn.Module:
+    cls = _spectral_class(base, names, operator)
+    return cls.__new__(cls)
 
 
 def _reduce_ex(self, protocol):
     # Pickle / deepcopy by the importable base class, not the generated subclass. The state goes
     # in the third slot so copy/pickle memoize the new object before copying the state: an un-run
     # Lazy module's hooks are bound methods of the module itself.
-    return _rebuild, (self._sn_base, self._sn_class_names), self.__getstate__()
+    return _rebuild, (self._sn_base, self._sn_class_names, self._sn_operator), self.__getstate__()
 
 
 class _LazyUV(UninitializedBuffer):
@@ -479,7 +693,17 @@ def _initialize_parameters(self, *args, **kwargs):
     with _uv_set_aside(self) as uv:
         self._sn_base.initialize_parameters(self, *args, **kwargs)
     for name, cfg in self._sn_params.items():
-        if is_lazy(uv[name + "_u"]):
+        if is_lazy(uv[name + "_u"]) and cfg.mode == "operator":
+            input = args[0] if args else kwargs["input"]
+            n = len(self.kernel_size)
+            output_padding = None
+            if isinstance(self, _CONV_T):
+                output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+                output_padding = tuple(self._output_padding(
+                    input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
+                ))
+            _materialize_operator_uv(self, tuple(input.shape[-n:]), output_padding)
+        elif is_lazy(uv[name + "_u"]):
             u, v = _init_uv(self._parameters[name], cfg.dim, cfg.eps)
             for buf, val in ((uv[name + "_u"], u), (uv[name + "_v"], v)):
                 buf.materialize(val.shape, device=val.device, dtype=torch.float32)
@@ -518,14 +742,18 @@ def _apply(self, fn, recurse=True):
 
 
 @functools.cache
-def _spectral_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
-    """The cached subclass of ``base`` that normalizes ``names`` in forward."""
+def _spectral_class(base: type[nn.Module], names: tuple[str, ...], operator: bool = False) -> type[nn.Module]:
+    """The cached subclass of ``base`` that normalizes ``names`` in forward (``operator``: operator mode)."""
     ns: dict = {
-        "_sn_base": base, "_sn_class_names": names, "__reduce_ex__": _reduce_ex, "_apply": _apply,
-        "__module__": base.__module__,
+        "_sn_base": base, "_sn_class_names": names, "_sn_operator": operator, "__reduce_ex__": _reduce_ex,
+        "_apply": _apply, "__module__": base.__module__,
     }
     fast = _fast_forward(base) if names == ("weight",) else None
-    if fast is not None:
+    if operator:
+        ns["forward"] = _OPERATOR_FORWARD[fast]
+        ns["_load_from_state_dict"] = _operator_load_from_state_dict
+        ns["_save_to_state_dict"] = _operator_save_to_state_dict
+    elif fast is not None:
         ns["forward"] = fast
     else:
         ns["forward"] = _generic_forward
@@ -534,7 +762,7 @@ def _spectral_class(base: type[nn.Module], names: tuple[str, ...]) -> type[nn.Mo
     if issubclass(base, LazyModuleMixin):
         ns["initialize_parameters"] = _initialize_parameters
         if base.cls_to_become is not None:
-            ns["cls_to_become"] = _spectral_class(base.cls_to_become, names)
+            ns["cls_to_become"] = _spectral_class(base.cls_to_become, names, operator)
     return type(f"Spectral{base.__name__}", (base,), ns)
 
 
@@ -543,8 +771,9 @@ def _base_class(module: nn.Module) -> type[nn.Module]:
 
 
 def _swap_class(module: nn.Module) -> None:
-    names = tuple(module.__dict__.get("_sn_params", {}))
-    module.__class__ = _spectral_class(_base_class(module), names) if names else _base_class(module)
+    params = module.__dict__.get("_sn_params", {})
+    operator = any(cfg.mode == "operator" for cfg in params.values())
+    module.__class__ = _spectral_class(_base_class(module), tuple(params), operator) if params else _base_class(module)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,9 +804,59 @@ def _check_options(n_power_iterations: int, eps: float, where: str) -> None:
                          f"default 1e-12), got {eps}")
 
 
-def _param_config(module: nn.Module, name: str, dim: int | None, n_iter: int, eps: float, where: str) -> _SNParam:
+def _check_mode(mode: str, where: str) -> None:
+    if mode not in ("matrix", "operator"):
+        raise ValueError(f"{where}: expected mode 'matrix' (the reshaped weight's norm, torch's) or 'operator' "
+                         f"(the convolution operator's norm), got {mode!r}")
+
+
+def _operator_config(module: nn.Module, name: str, dim: int | None, input_shape, where: str) -> str:
+    """Validate operator mode for ``module``; return the effective mode ("matrix" for Linear)."""
+    kind = type(module).__name__
+    if isinstance(module, _LINEAR):
+        # A Linear's operator is its weight matrix: operator mode is matrix mode.
+        if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1
+                                        or (module.in_features and tuple(input_shape) != (module.in_features,))):
+            raise ValueError(f"{where}: input_shape of {kind} must be (in_features,) = ({module.in_features},), "
+                             f"got {input_shape!r}")
+        return "matrix"
+    if not isinstance(module, _CONV + _CONV_T) or _fast_forward(_base_class(module)) is None:
+        raise ValueError(
+            f"{where}: mode='operator' needs a Linear, Conv1-3d or ConvTranspose1-3d (or Lazy variant) with the "
+            f"stock forward, got {kind}; use mode='matrix' or skip it (apply_spectral_norm's filter_fn)"
+        )
+    if name != "weight":
+        raise ValueError(f"{where}: mode='operator' normalizes the 'weight' of {kind}, got name {name!r}")
+    if dim is not None and dim != default_dim(module):
+        raise ValueError(f"{where}: mode='operator' fixes dim (the operator has no reshaping), got dim={dim}")
+    if module.__dict__.get("_sn_params"):
+        raise ValueError(f"{where}: {kind} already has spectral-normalized parameters "
+                         f"{list(module._sn_params)}; operator mode normalizes the weight alone")
+    n = len(module.kernel_size)
+    if input_shape is not None:
+        if is_lazy(module.weight):
+            raise ValueError(f"{where}: input_shape cannot be given for an uninitialized {kind}; its u/v are "
+                             "created at the first forward")
+        ok = (isinstance(input_shape, (tuple, list)) and len(input_shape) == n + 1
+              and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in input_shape)
+              and input_shape[0] == module.in_channels)
+        if not ok:
+            raise ValueError(f"{where}: expected input_shape = (in_channels, *spatial) = ({module.in_channels}, "
+                             f"{n} positive ints) for {kind}, one example without the batch dimension; "
+                             f"got {input_shape!r}")
+    return "operator"
+
+
+def _param_config(
+    module: nn.Module, name: str, dim: int | None, n_iter: int, eps: float, where: str,
+    mode: str = "matrix", input_shape=None,
+) -> _SNParam:
     """Validate one parameter of ``module`` and return its configuration (no mutation)."""
     kind = type(module).__name__
+    _check_mode(mode, where)
+    if any(cfg.mode == "operator" for cfg in module.__dict__.get("_sn_params", {}).values()):
+        raise ValueError(f"{where}: {kind}'s weight is normalized in operator mode; no other parameter can be "
+                         "added (remove it first)")
     param = module._parameters.get(name) if name in module._parameters else None
     if param is None and parametrize.is_parametrized(module, name):
         found = ", ".join(type(p).__name__ for p in module.parametrizations[name])
@@ -626,16 +905,21 @@ def _param_config(module: nn.Module, name: str, dim: int | None, n_iter: int, ep
         raise TypeError(f"{where}: expected dim to be an int or None, got {dim!r}")
     if not -ndim <= dim < ndim:
         raise ValueError(f"{where}: dim {dim} is out of range for parameter {name!r} of {kind} with {ndim} dimensions")
-    return _SNParam(dim % ndim, n_iter, eps)
+    if mode == "operator":
+        mode = _operator_config(module, name, dim % ndim, input_shape, where)
+    elif input_shape is not None:
+        raise ValueError(f"{where}: input_shape is only used with mode='operator', got mode={mode!r}")
+    return _SNParam(dim % ndim, n_iter, eps, mode, where)
 
 
-def _attach(module: nn.Module, configs: dict[str, _SNParam]) -> None:
+def _attach(module: nn.Module, configs: dict[str, _SNParam], input_shape=None) -> None:
     """Create u/v and swap the class. Everything that can fail has been checked already."""
     # NB: mutates module in place: buffers {name}_u/{name}_v, _sn_params, __class__.
     params = dict(module.__dict__.get("_sn_params", {}))
     for name, cfg in configs.items():
         weight = module._parameters[name]
-        if is_lazy(weight):
+        if is_lazy(weight) or cfg.mode == "operator":
+            # operator mode: u/v are shaped like one input/output example, known at the first forward.
             u, v = _LazyUV(dtype=torch.float32), _LazyUV(dtype=torch.float32)
         else:
             u, v = _init_uv(weight, cfg.dim, cfg.eps)
@@ -644,6 +928,9 @@ def _attach(module: nn.Module, configs: dict[str, _SNParam]) -> None:
         params[name] = cfg
     module.__dict__["_sn_params"] = params
     _swap_class(module)
+    if params.get("weight") is not None and params["weight"].mode == "operator" and input_shape is not None:
+        out_pad = tuple(module.output_padding) if isinstance(module, _CONV_T) else None
+        _materialize_operator_uv(module, tuple(input_shape[1:]), out_pad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,6 +945,8 @@ def spectral_norm(
     n_power_iterations: int = 1,
     eps: float = 1e-12,
     dim: int | None = None,
+    mode: str = "matrix",
+    input_shape: tuple[int, ...] | None = None,
 ) -> nn.Module:
     r"""Spectral-normalize parameter(s) ``name`` of ``module`` in place and return the module.
 
@@ -676,6 +965,15 @@ def spectral_norm(
         eps: guard for the vector norms and for sigma against division by ~0; finite, 0 < eps < 1.
             Default 1e-12.
         dim: the output dimension. Default 0, or 1 for ConvTranspose.
+        mode: ``"matrix"`` (default, torch's): sigma of the reshaped weight. ``"operator"``
+            (Conv/ConvTranspose 1-3d): sigma of the convolution as a linear map of one input example,
+            :math:`\sigma = \langle u, A(W) v\rangle` by power iteration on the conv and its adjoint, with
+            ``{name}_v`` shaped ``(C_in, *spatial_in)`` and ``{name}_u`` ``(C_out, *spatial_out)``; then
+            ``module`` is 1-Lipschitz per example. The input shape is taken at the first forward (or
+            from ``input_shape``); another input shape later raises ValueError. For Linear both modes
+            are the same.
+        input_shape: operator mode: one example's shape without the batch dimension,
+            ``(C_in, *spatial)``, to create u/v now instead of at the first forward.
 
     Returns:
         ``module``, whose raw parameters keep their names and identity.
@@ -686,16 +984,19 @@ def spectral_norm(
         >>> sorted(m.state_dict())
         ['bias', 'weight', 'weight_u', 'weight_v']
     """
-    return _spectral_norm(module, name, n_power_iterations, eps, dim, where=type(module).__name__)
+    return _spectral_norm(module, name, n_power_iterations, eps, dim, where=type(module).__name__, mode=mode,
+                          input_shape=input_shape)
 
 
-def _spectral_norm(module, name, n_power_iterations, eps, dim, where):
+def _spectral_norm(module, name, n_power_iterations, eps, dim, where, mode="matrix", input_shape=None):
     if not isinstance(module, nn.Module):
         raise TypeError(f"spectral_norm: expected an nn.Module, got {type(module).__name__}")
     names = _names(name, where)
     _check_options(n_power_iterations, eps, where)
-    configs = {n: _param_config(module, n, dim, n_power_iterations, eps, f"{where}.{n}") for n in names}
-    _attach(module, configs)
+    configs = {
+        n: _param_config(module, n, dim, n_power_iterations, eps, f"{where}.{n}", mode, input_shape) for n in names
+    }
+    _attach(module, configs, input_shape)
     return module
 
 
@@ -714,6 +1015,9 @@ def remove_spectral_norm(module: nn.Module, name: str | tuple[str, ...] = "weigh
     for n in names:
         if not is_spectral_normalized(module, n):
             raise ValueError(f"{where}.{n}: parameter {n!r} of {where} is not spectral-normalized")
+        if bake and not is_lazy(module._parameters[n]) and is_lazy(module._buffers[n + "_u"]):
+            raise ValueError(f"{where}.{n}: the operator-mode u/v of {where} do not exist before the first forward, "
+                             "so there is no sigma to bake; run a forward first or pass bake=False")
     params = dict(module._sn_params)
     for n in names:
         if bake and not is_lazy(module._parameters[n]):
@@ -734,6 +1038,8 @@ def _normalized_now(module: nn.Module, name: str = "weight") -> Tensor:
     """``W / sigma`` with the current u/v, no update, no grad."""
     with torch.no_grad():
         cfg = module._sn_params[name]
+        if cfg.mode == "operator":
+            return _operator_normalized_weight(module, training=False)
         return normalize_weight(
             module._parameters[name], module._buffers[name + "_u"], module._buffers[name + "_v"],
             dim=cfg.dim, eps=cfg.eps, training=False,
@@ -747,6 +1053,7 @@ def apply_spectral_norm(
     name: str | tuple[str, ...] = "weight",
     n_power_iterations: int = 1,
     eps: float = 1e-12,
+    mode: str = "matrix",
 ) -> list[str]:
     """Spectral-normalize every supported submodule of ``model`` (recursively, ``model`` included).
 
@@ -757,7 +1064,8 @@ def apply_spectral_norm(
     Args:
         model: the root module.
         filter_fn: ``filter_fn(module, fqn) -> bool`` picks which supported modules to normalize.
-        name, n_power_iterations, eps: as in :func:`spectral_norm`.
+        name, n_power_iterations, eps, mode: as in :func:`spectral_norm` (operator mode: each conv's
+            u/v are created at its first forward, for that forward's input shape).
 
     Returns:
         the FQNs of the parameters normalized now, e.g. ``["0.weight", "2.weight"]``.
@@ -787,10 +1095,11 @@ def apply_spectral_norm(
             continue
         todo = [n for n in names if not is_spectral_normalized(module, n)]
         where = fqn or type(module).__name__
-        configs = {n: _param_config(module, n, None, n_power_iterations, eps, f"{where}.{n}") for n in todo}
+        configs = {n: _param_config(module, n, None, n_power_iterations, eps, f"{where}.{n}", mode) for n in todo}
         if configs:
             plan.append((module, configs))
             done += [f"{fqn}.{n}" if fqn else n for n in configs]
+    _check_mode(mode, "apply_spectral_norm")  # (each module checked it already, naming its path)
     for module, configs in plan:
         _attach(module, configs)
     return done
@@ -802,7 +1111,9 @@ def is_spectral_normalized(module: nn.Module, name: str = "weight") -> bool:
 
 
 def spectral_sigma(module: nn.Module, name: str = "weight") -> Tensor:
-    """The current float32 estimate of sigma for ``name`` (no power-iteration update, no grad)."""
+    r"""The current float32 estimate of sigma for ``name`` (no power-iteration update, no grad).
+
+    Operator mode: :math:`\langle u, A(W) v\rangle`, the convolution operator's sigma."""
     where = f"{type(module).__name__}.{name}"
     if not is_spectral_normalized(module, name):
         raise ValueError(f"{where}: parameter {name!r} is not spectral-normalized")
@@ -810,5 +1121,8 @@ def spectral_sigma(module: nn.Module, name: str = "weight") -> Tensor:
     if is_lazy(u):
         raise ValueError(f"{where}: the Lazy module has not run yet, so {name!r} has no sigma")
     with torch.no_grad():
+        if module._sn_params[name].mode == "operator":
+            op = _operator_of(module, _buffer_output_padding(module))
+            return torch.sum(u * _op_apply(op, module._parameters[name].float(), v.unsqueeze(0))[0])
         w_mat = weight_matrix(module._parameters[name].float(), module._sn_params[name].dim)
         return torch.dot(u, torch.mv(w_mat, v))
