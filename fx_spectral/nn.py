@@ -176,12 +176,26 @@ def _functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def _recomputing() -> bool:
+    """Whether this forward is activation checkpointing's recompute (``torch.utils.checkpoint``,
+    either kind), which runs inside backward. It must reproduce the forward's sigma from the u/v
+    that forward left, without a second power-iteration update (that would advance u/v twice per
+    step and give backward a slightly different sigma than forward used)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 @torch.no_grad()
 def _estimate_sigma(
     weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool, needs_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     # (u, v, sigma) in the compute dtype; u/v are fresh tensors wherever they get saved for backward.
     w_mat = weight_matrix(weight.to(_compute_dtype(weight.dtype)), dim)
+    if training and _recomputing():
+        # Replays the forward's last half-step from the u it left (bitwise the same v and sigma);
+        # no second update of the buffers.
+        u = u.to(w_mat.dtype, copy=True)
+        v, sigma = _normalize_or_keep(torch.mv(w_mat.t(), u), v.to(w_mat.dtype), eps)
+        return u, v, sigma.clamp_min(eps)
     if training:
         u, v, sigma = _power_iteration(w_mat, u, v, n_iter, eps)
         return u, v, sigma.clamp_min(eps)
@@ -552,7 +566,7 @@ def _operator_normalized_weight(module: nn.Module, training: bool) -> Tensor:
     with torch.no_grad():
         wd = w.detach()
         u, v = u_buf.to(dt).unsqueeze(0), v_buf.to(dt).unsqueeze(0)
-        if training:
+        if training and not _recomputing():  # a checkpoint recompute reuses the forward's u/v
             for _ in range(cfg.n_power_iterations):
                 u, _ = _normalize_or_keep(_op_apply(op, wd, v), u, eps)
                 v, _ = _normalize_or_keep(_op_adjoint(op, wd, u, v), v, eps)
