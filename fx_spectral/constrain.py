@@ -34,37 +34,28 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from fx_spectral import constraints as C
+from fx_spectral import methods as _methods
+from fx_spectral.methods import *  # noqa: F403  (the method configs and METHODS: re-exported, see __all__)
 from fx_spectral.methods import (
-    METHODS,
     HardCap,
-    Orthogonalize,
     ProjectionContext,
-    PureSVD,
     SoftCap,
-    SpectralHammer,
     SpectralNormalize,
-    SpectralWeightDecay,
     _decay,
     _is_muon_group,
     _Method,
     _method_config,
     muon_update_norm,
     project_matrix,
+    registration,
 )
 from fx_spectral.nn import SUPPORTED_MODULES, default_dim, weight_matrix
 
-__all__ = [  # the method configs are re-exported from fx_spectral.methods
+__all__ = [  # plus fx_spectral.methods' public names (every registered method config, METHODS, ...)
     "constrain",
     "Constraint",
     "ProjectionError",
-    "SpectralNormalize",
-    "HardCap",
-    "SoftCap",
-    "SpectralHammer",
-    "SpectralWeightDecay",
-    "PureSVD",
-    "Orthogonalize",
-    "METHODS",
+    *_methods.__all__,
 ]
 
 HEAD_NAMES = frozenset({"lm_head", "head", "output"})
@@ -73,14 +64,16 @@ HEAD_NAMES = frozenset({"lm_head", "head", "output"})
 def initial_projection_method(method: _Method) -> _Method | None:
     """The exact projection into the ball that ``constrain(..., initial_projection=True)`` applies.
 
-    Rank-one methods (spectral normalize, hammer): ``W / max(1, σ₁/w_max)`` with the exact σ₁
+    Read from the method's registration (:func:`fx_spectral.methods.register`). Rank-one methods
+    (spectral normalize, hammer): ``W / max(1, σ₁/w_max)`` with the exact σ₁
     (``SpectralNormalize(exact=True)``), which keeps the spectrum's shape (and its gap, which the
     persistent power iteration needs); the others: the exact cap ``min(σᵢ, w_max)``
-    (``HardCap(exact=True)``); spectral weight decay has no cap: None.
+    (``HardCap(exact=True)``); a method that does not cap (spectral weight decay): None.
     """
-    if isinstance(method, SpectralWeightDecay):
+    reg = registration(method)
+    if not reg.caps:
         return None
-    if isinstance(method, SpectralNormalize):
+    if reg.kind == "rank_one":
         return SpectralNormalize(exact=True, dtype=method.dtype)
     return HardCap(exact=True, dtype=method.dtype)
 
