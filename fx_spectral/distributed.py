@@ -525,17 +525,6 @@ def _layouts(handle, t) -> tuple[list[str | None], list[ShardedMatrix]]:
     return cache[key]
 
 
-def _rank_one_ops():
-    from fx_spectral import constraints as C
-    from fx_spectral import methods as K
-
-    return {
-        K.SpectralNormalize: lambda X, cfg, w_max, est: C.spectral_normalize(X, w_max, estimate=est),
-        K.SpectralHammer: lambda X, cfg, w_max, est: C.spectral_hammer(X, w_max, estimate=est),
-        K.SpectralWeightDecay: lambda X, cfg, w_max, est: C.spectral_weight_decay(X, cfg.wd, estimate=est),
-    }
-
-
 def _start_vectors(handle, t, key, mat: ShardedMatrix, dtype, device):
     import zlib
 
@@ -604,7 +593,7 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
     """
     from fx_spectral import methods as K
 
-    ops = _rank_one_ops()
+    reg = K.registration(method)  # its kind decides the path; a rank-one method brings its op
     entries = []  # (target, key, mat)
     for t in targets:
         keys, mats = _layouts(handle, t)
@@ -613,8 +602,8 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
         return []
     _raise_if_bad(entries, [not _finite(mat.read()) for _, _, mat in entries], method, when, "it holds NaN or inf")
     writes: list[Callable[[], None]] = []
-    if type(method) in ops and not getattr(method, "exact", False):  # exact: the full path (an eigh)
-        op = ops[type(method)]
+    if reg.kind == "rank_one" and not getattr(method, "exact", False):  # exact: the full path (an eigh)
+        op = reg.rank_one_op
         starts = []
         for t, key, mat in entries:
             dtype = K._compute_dtype(method, t.param.dtype)

@@ -81,3 +81,16 @@ def test_a_registered_rank_one_method_is_projected_with_its_op(scratch_registry)
     X = torch.randn(5, 7, generator=torch.Generator().manual_seed(1)) * 4
     Y = K.project_matrix(X, dataclasses.replace(HalfNormalize(), exact=True), K.ProjectionContext(w_max=2.0), scale=1.0)
     assert float(torch.linalg.matrix_norm(Y, ord=2)) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_torchtitan_section_is_derived_from_the_registry():
+    pytest.importorskip("torchtitan")
+    from fx_spectral.integrations.torchtitan import config as T
+
+    assert T.METHOD_NAMES == tuple(K.METHODS)
+    for name, cls in K.METHODS.items():
+        options = T.SpectralConfig(method=name).method_options()
+        assert set(options) == set(K.registration(cls).options) <= {f.name for f in dataclasses.fields(cls)}
+        cls(**options)  # every option is accepted by the config
+    # the section's exact=True is for the caps: the rank-one methods never receive it
+    assert T.SpectralConfig(method="spectral_normalize").method_options() == {"n_iter": 1}
