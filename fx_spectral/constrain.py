@@ -27,44 +27,39 @@ import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from fx_spectral import constraints as C
+from fx_spectral import methods as _methods
+from fx_spectral.errors import ProjectionError, projection_error
+from fx_spectral.methods import *  # noqa: F403  (the method configs and METHODS: re-exported, see __all__)
 from fx_spectral.methods import (
-    METHODS,
     HardCap,
-    Orthogonalize,
     ProjectionContext,
-    PureSVD,
     SoftCap,
-    SpectralHammer,
     SpectralNormalize,
-    SpectralWeightDecay,
     _decay,
     _is_muon_group,
     _Method,
     _method_config,
     muon_update_norm,
     project_matrix,
+    registration,
 )
 from fx_spectral.nn import SUPPORTED_MODULES, default_dim, weight_matrix
 
-__all__ = [  # the method configs are re-exported from fx_spectral.methods
+__all__ = [  # plus fx_spectral.methods' public names (every registered method config, METHODS, ...)
     "constrain",
     "Constraint",
+    "Target",
+    "Piece",
+    "VectorStore",
     "ProjectionError",
-    "SpectralNormalize",
-    "HardCap",
-    "SoftCap",
-    "SpectralHammer",
-    "SpectralWeightDecay",
-    "PureSVD",
-    "Orthogonalize",
-    "METHODS",
+    *_methods.__all__,
 ]
 
 HEAD_NAMES = frozenset({"lm_head", "head", "output"})
@@ -73,33 +68,18 @@ HEAD_NAMES = frozenset({"lm_head", "head", "output"})
 def initial_projection_method(method: _Method) -> _Method | None:
     """The exact projection into the ball that ``constrain(..., initial_projection=True)`` applies.
 
-    Rank-one methods (spectral normalize, hammer): ``W / max(1, σ₁/w_max)`` with the exact σ₁
+    Read from the method's registration (:func:`fx_spectral.methods.register`). Rank-one methods
+    (spectral normalize, hammer): ``W / max(1, σ₁/w_max)`` with the exact σ₁
     (``SpectralNormalize(exact=True)``), which keeps the spectrum's shape (and its gap, which the
     persistent power iteration needs); the others: the exact cap ``min(σᵢ, w_max)``
-    (``HardCap(exact=True)``); spectral weight decay has no cap: None.
+    (``HardCap(exact=True)``); a method that does not cap (spectral weight decay): None.
     """
-    if isinstance(method, SpectralWeightDecay):
+    reg = registration(method)
+    if not reg.caps:
         return None
-    if isinstance(method, SpectralNormalize):
+    if reg.kind == "rank_one":
         return SpectralNormalize(exact=True, dtype=method.dtype)
     return HardCap(exact=True, dtype=method.dtype)
-
-
-class ProjectionError(RuntimeError):
-    """A projection could not be computed (e.g. a non-finite weight); no weight was written."""
-
-
-def projection_error(name: str, method: _Method, when: str, why: str) -> ProjectionError:
-    """The error for a projection that cannot be computed (shared with fx_spectral.distributed)."""
-    step = (
-        "The optimizer step itself already happened (every weight is as the optimizer left it, unprojected); "
-        if when == "after the optimizer step"
-        else "No weight was changed; "
-    )
-    return ProjectionError(
-        f"constrain: cannot project {name!r} {when} ({type(method).__name__}): {why}. {step}"
-        "fix the cause (e.g. a diverged loss or a too-large learning rate) before stepping again."
-    )
 
 
 # optimizer owning a parameter's state -> {id(param): the live handle projecting it}. Weak on
@@ -113,7 +93,15 @@ _ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
-class _Target:
+class Target:
+    """One projected parameter of a :class:`Constraint` handle (``handle.targets``).
+
+    ``fqn``: the parameter's name; ``module``: the module owning it; ``dim``: its output dim;
+    ``w_max``: its cap per projected piece (key None: the whole weight as one matrix; a string
+    key: a sub-view of a split weight); ``group``: its optimizer param group (looked up live);
+    ``name(key)``: ``fqn`` or ``fqn[key]``. Read-only by convention: the handle owns it.
+    """
+
     fqn: str
     module: nn.Module
     param: nn.Parameter
@@ -207,7 +195,7 @@ def _check_w_max(w_max) -> None:
         raise TypeError(f"constrain: w_max dict keys must be glob patterns (str), got {list(w_max)}")
 
 
-def _matrices(t: _Target, split) -> Iterable[tuple[str | None, Tensor, Callable[[Tensor], None]]]:
+def _matrices(t: Target, split) -> Iterable[tuple[str | None, Tensor, Callable[[Tensor], None]]]:
     """(key, 2-D matrix, write-back) for each projected piece of a target's parameter."""
     p = t.param
     views = split(t.fqn, p) if split is not None else None
@@ -249,13 +237,57 @@ def _distributed():
     return distributed
 
 
+_Target = Target  # the former private name (kept for existing callers)
+
+
 # --------------------------------------------------------------------------------------------
 # The handle
 # --------------------------------------------------------------------------------------------
 
 
+class Piece(NamedTuple):
+    """One matrix a target is projected as: its key (None: the whole weight) and (rows, cols)."""
+
+    key: str | None
+    shape: tuple[int, int]
+
+
 def _state_keys(key: str | None) -> tuple[str, str]:
     return ("spectral_u", "spectral_v") if key is None else (f"spectral_u[{key}]", f"spectral_v[{key}]")
+
+
+class VectorStore:
+    """The persistent power-iteration vectors ``(u, v)`` of a handle's targets (``handle.vectors``).
+
+    Kept in ``optimizer.state[param]["spectral_u"/"spectral_v"]`` (``["spectral_u[key]"]`` for split
+    sub-views) once the optimizer has state for the param, so ``optimizer.state_dict()`` carries
+    them; before that (a param the optimizer has not stepped yet) in a side dict, because
+    Adam-style optimizers initialize their state only when it is empty.
+    """
+
+    def __init__(self) -> None:
+        self._side: dict[tuple[int, str | None], tuple[Tensor, Tensor]] = {}
+
+    def get(self, t: Target, key: str | None) -> tuple[Tensor, Tensor] | None:
+        """The stored ``(u, v)`` of piece ``key`` of target ``t`` (float32 or float64), or None."""
+        st = t.optimizer.state.get(t.param)
+        ku, kv = _state_keys(key)
+        if st and ku in st:
+            u, v = st[ku], st[kv]
+            if u.dtype not in (torch.float32, torch.float64):  # load_state_dict casts to the param dtype
+                u, v = st[ku], st[kv] = u.float(), v.float()  # NB: recast in the optimizer state
+            return u, v
+        return self._side.get((id(t.param), key))
+
+    def put(self, t: Target, key: str | None, u: Tensor, v: Tensor) -> None:
+        """Store ``(u, v)`` for piece ``key`` of target ``t``. NB: mutates the optimizer's state."""
+        st = t.optimizer.state.get(t.param)
+        if st:
+            ku, kv = _state_keys(key)
+            st[ku], st[kv] = u, v  # NB: mutates the optimizer's state dict
+            self._side.pop((id(t.param), key), None)
+        else:
+            self._side[(id(t.param), key)] = (u, v)
 
 
 class Constraint:
@@ -264,13 +296,21 @@ class Constraint:
     Attributes:
         method: the method config in use.
         names: the projected weights' names (``fqn`` or ``fqn[key]`` for split sub-views).
+        targets: the projected parameters (:class:`Target`).
+        vectors: their persistent power-iteration vectors (:class:`VectorStore`).
+
+    Building blocks for code that projects a handle's weights itself (``fx_spectral.distributed``,
+    the TorchTitan checkpoint state): :attr:`targets`, :meth:`pieces` / :meth:`views` (the
+    matrices a target is projected as), :attr:`vectors`, :meth:`context` (what one projection
+    needs) and :meth:`cache` (per-handle scratch space).
     """
 
     def __init__(self, model, optimizer, method, targets, split, act_modules):
         self.model, self.optimizer, self.method = model, optimizer, method
-        self._targets: list[_Target] = targets
+        self._targets: list[Target] = targets
         self._split = split
-        self._side: dict[tuple[int, str | None], tuple[Tensor, Tensor]] = {}
+        self.vectors = VectorStore()
+        self._caches: dict[str, dict] = {}
         self._act: dict[str, Tensor] = {}
         self._hooks = [optimizer.register_step_post_hook(self._after_step)]
         for mod_name, mod in act_modules:
@@ -284,32 +324,31 @@ class Constraint:
     def names(self) -> list[str]:
         return [t.name(k) for t in self._targets for k in t.w_max]
 
-    # --- persistent power-iteration vectors ---------------------------------------------------
-    # Kept in optimizer.state[param]["spectral_u"/"spectral_v"] (["spectral_u[key]"] for split
-    # sub-views) once the optimizer has state for the param, so optimizer.state_dict() carries
-    # them; before that (a param the optimizer has not stepped yet) in a side dict, because
-    # Adam-style optimizers initialize their state only when it is empty.
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """The projected parameters, in selection order."""
+        return tuple(self._targets)
 
-    def _get_vectors(self, t: _Target, key: str | None):
-        st = t.optimizer.state.get(t.param)
-        ku, kv = _state_keys(key)
-        if st and ku in st:
-            u, v = st[ku], st[kv]
-            if u.dtype not in (torch.float32, torch.float64):  # load_state_dict casts to the param dtype
-                u, v = st[ku], st[kv] = u.float(), v.float()
-            return u, v
-        return self._side.get((id(t.param), key))
+    def views(self, t: Target, tensor: Tensor) -> dict[str, Tensor] | None:
+        """The sub-views of ``tensor`` (shaped like ``t.param``: the param, a meta probe, an index
+        tensor) that are projected as separate matrices, by key; None when the whole weight is one
+        matrix (no ``split=``, or ``split`` declines this parameter)."""
+        return self._split(t.fqn, tensor) if self._split is not None else None
 
-    def _put_vectors(self, t: _Target, key: str | None, u: Tensor, v: Tensor) -> None:
-        st = t.optimizer.state.get(t.param)
-        if st:
-            ku, kv = _state_keys(key)
-            st[ku], st[kv] = u, v  # NB: mutates the optimizer's state dict
-            self._side.pop((id(t.param), key), None)
-        else:
-            self._side[(id(t.param), key)] = (u, v)
+    def pieces(self, t: Target) -> list[Piece]:
+        """The matrices target ``t`` is projected as: ``[Piece(key, (rows, cols)), ...]`` (from a
+        meta probe: nothing is allocated). One ``Piece(None, ...)`` for an unsplit weight, the
+        weight's matrix view with its output dim first."""
+        probe = torch.empty(t.param.shape, device="meta")
+        views = self.views(t, probe)
+        if views is None:
+            return [Piece(None, tuple(weight_matrix(probe, t.dim).shape))]
+        return [Piece(k, tuple(v.reshape(-1, v.shape[-1]).shape)) for k, v in views.items()]
 
-    def _context(self, t: _Target, key: str | None, matrix: Tensor, scale: float) -> ProjectionContext:
+    def context(self, t: Target, key: str | None, scale: float) -> ProjectionContext:
+        """What projecting piece ``key`` of ``t`` needs besides the matrix: its ``w_max``, the Muon
+        coupling (update norm in RMS→RMS units, for the matrix's ``scale``), decoupled decay, its
+        persistent vectors (read and written through :attr:`vectors`) and its seed."""
         group = t.group
         muon = _is_muon_group(group)
         update = muon_update_norm(group, t.param.shape) / scale if muon else None
@@ -317,11 +356,26 @@ class Constraint:
             w_max=t.w_max[key],
             decay=_decay(group),
             update_norm=update,
-            get_vectors=lambda: self._get_vectors(t, key),
-            put_vectors=lambda u, v: self._put_vectors(t, key, u, v),
+            get_vectors=lambda: self.vectors.get(t, key),
+            put_vectors=lambda u, v: self.vectors.put(t, key, u, v),
             seed=zlib.crc32(t.name(key).encode()),
             muon=muon,
         )
+
+    def cache(self, namespace: str) -> dict:
+        """A dict owned by this handle, one per ``namespace`` (e.g. ``"distributed.layouts"``), for
+        derived data that lives as long as the handle. NB: the same dict on every call."""
+        return self._caches.setdefault(namespace, {})
+
+    # The former private names (tests and older callers use them; not deprecated).
+    def _get_vectors(self, t: Target, key: str | None):
+        return self.vectors.get(t, key)
+
+    def _put_vectors(self, t: Target, key: str | None, u: Tensor, v: Tensor) -> None:
+        self.vectors.put(t, key, u, v)
+
+    def _context(self, t: Target, key: str | None, matrix: Tensor, scale: float) -> ProjectionContext:
+        return self.context(t, key, scale)
 
     # --- projection ----------------------------------------------------------------------------
 
@@ -354,7 +408,7 @@ class Constraint:
         for t, key, matrix, write_back in pieces:
             scale = _scale(matrix)
             held: list[tuple[Tensor, Tensor]] = []
-            ctx = self._context(t, key, matrix, scale)
+            ctx = self.context(t, key, scale)
             ctx.put_vectors = lambda u, v, held=held: held.append((u, v))  # written in phase (3)
             try:
                 Y = project_matrix(matrix, method, ctx, scale=scale)
@@ -364,13 +418,14 @@ class Constraint:
                 raise self._failure(t.name(key), when, f"{type(method).__name__} gave a non-finite result")
             writes.append(functools.partial(write_back, Y))
             if held and store_vectors:
-                writes.append(functools.partial(self._put_vectors, t, key, *held[-1]))
+                writes.append(functools.partial(self.vectors.put, t, key, *held[-1]))
         if sharded:
             # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed ----
             # All DTensor weights together: shared collectives, full-spectrum work spread over ranks.
-            # Building blocks there: _matrices(target, handle._split) -> (key, matrix, write_back)
-            # per piece; _scale(matrix); handle._context(target, key, matrix, scale) (w_max, Muon
-            # coupling, persistent vectors); project_matrix(full_matrix, method, ctx, scale=...).
+            # Building blocks there (the handle's public interface): handle.pieces(target) /
+            # handle.views(target, tensor) (the matrices), handle.vectors.get/put (persistent
+            # vectors), handle.context(target, key, scale) (w_max, Muon coupling, vectors),
+            # handle.cache(namespace); project_matrix(full_matrix, method, ctx, scale=...).
             # It validates and computes (raising self._failure(...) on every rank alike) and
             # returns its writes, so the whole step stays all or nothing.
             writes.extend(_distributed().prepare_dtensors(self, sharded, method, when=when))
@@ -436,7 +491,7 @@ class Constraint:
                 if exact:
                     raw = float(torch.linalg.matrix_norm(m, ord=2))
                 else:
-                    prev = self._get_vectors(t, key)
+                    prev = self.vectors.get(t, key)
                     u, v = (None, None) if prev is None else prev
                     gen = torch.Generator(device=m.device).manual_seed(zlib.crc32(t.name(key).encode()))
                     # (a private generator: reporting never moves the global RNG)
@@ -553,7 +608,7 @@ def constrain(
                 raise ValueError(f"constrain: {what} pattern {pat!r} matches no parameter of the model")
     in_optimizer = _param_owner(optimizer)
 
-    targets: list[_Target] = []
+    targets: list[Target] = []
     for mod_name_params in model.named_parameters():
         fqn, p = mod_name_params
         _, owner_list = owners[id(p)]
@@ -584,7 +639,7 @@ def constrain(
                 f"{other()!r}; a second constrain() would project it twice after every step. Call "
                 "remove() on that handle first, or select disjoint weights (include=/exclude=)"
             )
-        t = _Target(fqn, module, p, default_dim(module), opt, group_index, {})
+        t = Target(fqn, module, p, default_dim(module), opt, group_index, {})
         group = t.group
         # A DTensor is split as a meta tensor of its global shape (views of shards are not needed here).
         probe = torch.empty(p.shape, dtype=p.dtype, device="meta") if _is_dtensor(p) else p
@@ -635,7 +690,7 @@ def constrain(
     return handle
 
 
-def _activation_modules(model: nn.Module, targets: list[_Target], track) -> list[tuple[str, nn.Module]]:
+def _activation_modules(model: nn.Module, targets: list[Target], track) -> list[tuple[str, nn.Module]]:
     if track is False or track is None:
         return []
     named = list(model.named_modules())

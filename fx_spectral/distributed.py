@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fx_spectral.errors import projection_error
+
 __all__ = [
     "ShardedMatrix",
     "is_dtensor",
@@ -506,34 +508,18 @@ def full_matrix(mat: ShardedMatrix, dtype: torch.dtype | None = None) -> Tensor:
 # constrain() integration: the DTensor dispatch point of fx_spectral.constrain
 # --------------------------------------------------------------------------------------------
 
-_LAYOUT_ATTR = "_fx_spectral_dist_layouts"
-
-
 def _layouts(handle, t) -> tuple[list[str | None], list[ShardedMatrix]]:
     # Cached per handle and parameter (building one is a collective: all ranks build the same ones).
-    cache = handle.__dict__.setdefault(_LAYOUT_ATTR, {})
+    cache = handle.cache("distributed.layouts")
     key = (id(t.param), tuple(t.param.placements), tuple(t.param.shape))
     if key not in cache:
-        split = getattr(handle, "_split", None)
-        probe = split(t.fqn, torch.empty(t.param.shape, device="meta")) if split is not None else None
-        if probe is None:
-            keys, mats = [None], sharded_matrices(t.param, dim=t.dim)
+        keys = [piece.key for piece in handle.pieces(t)]
+        if keys == [None]:  # the whole weight is one matrix
+            mats = sharded_matrices(t.param, dim=t.dim)
         else:
-            mats = sharded_matrices(t.param, lambda index: dict(split(t.fqn, index)))
-            keys = list(probe)
+            mats = sharded_matrices(t.param, lambda index: dict(handle.views(t, index)))
         cache[key] = (keys, mats)
     return cache[key]
-
-
-def _rank_one_ops():
-    from fx_spectral import constraints as C
-    from fx_spectral import methods as K
-
-    return {
-        K.SpectralNormalize: lambda X, cfg, w_max, est: C.spectral_normalize(X, w_max, estimate=est),
-        K.SpectralHammer: lambda X, cfg, w_max, est: C.spectral_hammer(X, w_max, estimate=est),
-        K.SpectralWeightDecay: lambda X, cfg, w_max, est: C.spectral_weight_decay(X, cfg.wd, estimate=est),
-    }
 
 
 def _start_vectors(handle, t, key, mat: ShardedMatrix, dtype, device):
@@ -542,7 +528,7 @@ def _start_vectors(handle, t, key, mat: ShardedMatrix, dtype, device):
     from fx_spectral import methods as K
 
     m, n = mat.shape
-    prev = handle._get_vectors(t, key)
+    prev = handle.vectors.get(t, key)
     if prev is not None and prev[0].shape[-1] == m and prev[1].shape[-1] == n:
         return prev[0].to(device, dtype).clone(), prev[1].to(device, dtype).clone(), False
     # A fresh start exactly as the single-process path (methods._estimate → power_iterate).
@@ -559,7 +545,7 @@ def project_dtensors_(handle, targets: Sequence, method) -> None:
     Same result as the single-process path (``methods.project_matrix`` on the whole matrix) up
     to float rounding: rank-one methods use the distributed power iteration and update local blocks;
     full-spectrum methods assemble each matrix on its owner rank and run ``project_matrix`` there.
-    The persistent vectors go through the handle (``_get_vectors`` / ``_put_vectors``), so they
+    The persistent vectors go through the handle (``handle.vectors.get`` / ``.put``), so they
     live where the single-process path keeps them (the optimizer state), replicated on every rank.
     All or nothing: see :func:`prepare_dtensors`.
     """
@@ -579,8 +565,6 @@ def _agree_bad(entries, bad: list[bool]) -> list[bool]:
 
 
 def _raise_if_bad(entries, bad: list[bool], method, when: str, why: str) -> None:
-    from fx_spectral.constrain import projection_error
-
     bad = _agree_bad(entries, bad)
     for (t, key, _), b in zip(entries, bad):
         if b:  # raised identically on every rank, after the same collectives: nobody hangs
@@ -604,7 +588,7 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
     """
     from fx_spectral import methods as K
 
-    ops = _rank_one_ops()
+    reg = K.registration(method)  # its kind decides the path; a rank-one method brings its op
     entries = []  # (target, key, mat)
     for t in targets:
         keys, mats = _layouts(handle, t)
@@ -613,8 +597,8 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
         return []
     _raise_if_bad(entries, [not _finite(mat.read()) for _, _, mat in entries], method, when, "it holds NaN or inf")
     writes: list[Callable[[], None]] = []
-    if type(method) in ops and not getattr(method, "exact", False):  # exact: the full path (an eigh)
-        op = ops[type(method)]
+    if reg.kind == "rank_one" and not getattr(method, "exact", False):  # exact: the full path (an eigh)
+        op = reg.rank_one_op
         starts = []
         for t, key, mat in entries:
             dtype = K._compute_dtype(method, t.param.dtype)
@@ -645,14 +629,14 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
             bad.append(block is not None and not _finite(block))
             if block is not None:
                 writes.append(lambda mat=mat, block=block: mat.write_(block))
-            writes.append(lambda t=t, key=key, u=u, v=v: handle._put_vectors(t, key, u, v))
+            writes.append(lambda t=t, key=key, u=u, v=v: handle.vectors.put(t, key, u, v))
         _raise_if_bad(entries, bad, method, when, f"{type(method).__name__} gave a non-finite result")
         return writes
     mats = [mat for _, _, mat in entries]
     assign_owners(mats)
 
     def full_op(X, t, key, scale):
-        ctx = handle._context(t, key, X, scale)
+        ctx = handle.context(t, key, scale)
         ctx.put_vectors = lambda u, v: None  # computed on the owner only: vectors stay replicated as they are
         return K.project_matrix(X, method, ctx, scale=scale)
 

@@ -1,7 +1,11 @@
 r"""What one projection of one matrix does: the method configs, :func:`project_matrix`, Muon coupling.
 
-* method configs: frozen keyword-only dataclasses (:class:`SoftCap`, :class:`HardCap`, …), one
-  handler per config type in ``_HANDLERS``; ``METHODS`` maps the string names to config types;
+* method configs: frozen keyword-only dataclasses (:class:`SoftCap`, :class:`HardCap`, …), each
+  registered once with :func:`register` (its name, its kind — ``"rank_one"`` or
+  ``"full_spectrum"`` —, its rank-one op, its TorchTitan options) and given one handler with
+  :func:`handles`. ``METHODS`` (name -> config), ``_HANDLERS`` (config -> handler), this module's
+  ``__all__``, :mod:`fx_spectral.constrain`'s re-exports, :mod:`fx_spectral.distributed`'s rank-one
+  path and the TorchTitan method names and options are all derived from the registry;
 * :func:`project_matrix` is the ONE function every per-weight projection goes through:
   ``scale * project(matrix / scale)`` in RMS→RMS units, a pure function on one 2-D matrix (so a
   distributed implementation can call it on a gathered matrix and scatter the result);
@@ -18,29 +22,145 @@ import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from fx_spectral import constraints as C
 
-__all__ = [
-    "SpectralNormalize",
-    "HardCap",
-    "SoftCap",
-    "SpectralHammer",
-    "SpectralWeightDecay",
-    "PureSVD",
-    "Orthogonalize",
-    "METHODS",
-    "ProjectionContext",
-    "project_matrix",
-    "muon_update_norm",
-]
-
 N_WARMUP_ITERATIONS = 15  # a fresh u/v gets these before the per-step iterations (as spectral_norm)
 MUON_SAFETY = 1.02  # on top of the exact Newton–Schulz peak: covers Muon's bf16 rounding (measured 1.0003)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: every method is registered here once, and everything that lists methods reads it
+# --------------------------------------------------------------------------------------------
+
+MethodKind = Literal["rank_one", "full_spectrum"]
+#: ``rank_one_op(X, cfg, w_max, estimate) -> Tensor``: a rank-one update of ``X`` from the top
+#: singular triple ``estimate = (u, sigma, v)`` (in the units of ``X``).
+RankOneOp = Callable[[Tensor, Any, float, tuple[Tensor, Tensor, Tensor]], Tensor]
+Handler = Callable[[Tensor, Any, "ProjectionContext"], Tensor]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the library knows about one method (built by :func:`register`).
+
+    Attributes:
+        name: the string name ``constrain()`` and ``--spectral.method`` take.
+        config: the config class.
+        kind: ``"rank_one"`` (a rank-one update from the top singular triple; a sharded weight
+            is updated in place from a distributed power iteration) or ``"full_spectrum"`` (the
+            whole spectrum changes; a sharded weight is gathered on one rank and projected there).
+        rank_one_op: for ``"rank_one"``, the update ``(X, cfg, w_max, (u, sigma, v)) -> X'``.
+        caps: whether the method caps at ``w_max`` (spectral weight decay does not: ``constrain``'s
+            initial projection is then skipped).
+        options: the config fields the TorchTitan ``spectral`` section sets for this method.
+    """
+
+    name: str
+    config: type
+    kind: MethodKind
+    rank_one_op: RankOneOp | None
+    caps: bool
+    options: tuple[str, ...]
+
+
+_REGISTRY: dict[type, Registration] = {}  # config class -> registration, in registration order
+METHODS: dict[str, type] = {}  # name -> config class (derived)
+_HANDLERS: dict[type, Handler] = {}  # config class -> handler (derived; the dict project_matrix reads)
+
+
+def register(
+    name: str,
+    *,
+    kind: MethodKind,
+    rank_one_op: RankOneOp | None = None,
+    caps: bool = True,
+    options: tuple[str, ...] = (),
+) -> Callable[[type], type]:
+    """Class decorator: register a method config under ``name`` (sets ``cls.name``).
+
+    A ``"rank_one"`` method must give its ``rank_one_op`` (its handler is then derived: the
+    persistent power iteration's estimate, or the exact triple with ``exact=True``, fed to the op)
+    and have an ``n_iter`` field; a ``"full_spectrum"`` method gets its handler from
+    :func:`handles`. ``options`` must be fields of the config. Example::
+
+        @register("spectral_normalize", kind="rank_one", options=("n_iter",),
+                  rank_one_op=lambda X, cfg, w_max, est: C.spectral_normalize(X, w_max, estimate=est))
+        @dataclass(frozen=True, kw_only=True)
+        class SpectralNormalize(_Method): ...
+    """
+
+    def decorate(cls: type) -> type:
+        where = f"register({name!r})"
+        if not (isinstance(cls, type) and issubclass(cls, _Method) and dataclasses.is_dataclass(cls)):
+            raise TypeError(f"{where}: expected a dataclass subclass of the method base, got {cls!r}")
+        if name in METHODS or cls in _REGISTRY:
+            raise ValueError(f"{where}: {name!r} / {cls.__name__} is already registered")
+        if kind not in ("rank_one", "full_spectrum"):
+            raise ValueError(f"{where}: kind must be 'rank_one' or 'full_spectrum', got {kind!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if kind == "rank_one":
+            if not callable(rank_one_op):
+                raise TypeError(f"{where}: a rank_one method must give rank_one_op(X, cfg, w_max, estimate)")
+            if "n_iter" not in fields:
+                raise TypeError(f"{where}: a rank_one method needs an n_iter field (its power iterations per step)")
+        elif rank_one_op is not None:
+            raise TypeError(f"{where}: rank_one_op is only for kind='rank_one'")
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ValueError(f"{where}: options {unknown} are not fields of {cls.__name__}")
+        cls.name = name
+        _REGISTRY[cls] = Registration(name, cls, kind, rank_one_op, caps, tuple(options))
+        METHODS[name] = cls
+        if kind == "rank_one":
+            _HANDLERS[cls] = functools.partial(_rank_one_handler, rank_one_op)
+        return cls
+
+    return decorate
+
+
+def handles(cls: type) -> Callable[[Handler], Handler]:
+    """Function decorator: the handler ``(X, cfg, ctx) -> Tensor`` of a registered full-spectrum method.
+
+    ``X`` is a fresh 2-D tensor in the compute dtype and RMS→RMS units (the handler may reuse it);
+    ``ctx`` a :class:`ProjectionContext`.
+    """
+
+    def decorate(fn: Handler) -> Handler:
+        reg = _REGISTRY.get(cls)
+        if reg is None:
+            raise ValueError(f"handles({cls!r}): register the config first")
+        if reg.kind == "rank_one" or cls in _HANDLERS:
+            raise ValueError(f"handles({cls.__name__}): it already has a handler")
+        _HANDLERS[cls] = fn
+        return fn
+
+    return decorate
+
+
+def registration(method: Any) -> Registration:
+    """The registration of a config (instance or class), found along its MRO (a subclass without
+    its own registration is its parent's method)."""
+    cls = method if isinstance(method, type) else type(method)
+    for klass in cls.__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    raise TypeError(f"{cls.__name__} is not a registered method (see fx_spectral.methods.register)")
+
+
+def _handler(cls: type) -> Handler:
+    for klass in cls.__mro__:  # _HANDLERS is read at every call (tests patch it)
+        if klass in _HANDLERS:
+            return _HANDLERS[klass]
+    raise TypeError(f"{cls.__name__} has no projection handler (see fx_spectral.methods.handles)")
+
+
+def _rank_one_handler(op: RankOneOp, X: Tensor, cfg: Any, ctx: ProjectionContext) -> Tensor:
+    return op(X, cfg, ctx.w_max, _estimate(X, cfg.n_iter, ctx, getattr(cfg, "exact", False)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +185,12 @@ class _Method:
             raise ValueError(f"{owner}: {field} must be an int >= {low}, got {value!r}")
 
 
+@register(
+    "spectral_normalize",
+    kind="rank_one",
+    rank_one_op=lambda X, cfg, w_max, est: C.spectral_normalize(X, w_max, estimate=est),
+    options=("n_iter",),  # not the section's exact: that one is for the caps
+)
 @dataclass(frozen=True, kw_only=True)
 class SpectralNormalize(_Method):
     r""":math:`W \leftarrow W/\max(1, \hat\sigma/w_{max})` with ``n_iter`` persistent power iterations per step.
@@ -75,7 +201,6 @@ class SpectralNormalize(_Method):
     rounding aside; costs one ``eigh`` per weight and step).
     """
 
-    name: ClassVar[str] = "spectral_normalize"
     n_iter: int = 1
     exact: bool = False
 
@@ -84,18 +209,29 @@ class SpectralNormalize(_Method):
         self._check_int(type(self).__name__, "n_iter", self.n_iter, 1)
 
 
+@register(
+    "spectral_hammer",
+    kind="rank_one",
+    rank_one_op=lambda X, cfg, w_max, est: C.spectral_hammer(X, w_max, estimate=est),
+    options=("n_iter",),
+)
 @dataclass(frozen=True, kw_only=True)
 class SpectralHammer(SpectralNormalize):
     r""":math:`W \leftarrow W + (w_{max} - \hat\sigma) u v^\top` (top singular value set to w_max)."""
 
-    name: ClassVar[str] = "spectral_hammer"
 
 
+@register(
+    "spectral_weight_decay",
+    kind="rank_one",
+    rank_one_op=lambda X, cfg, w_max, est: C.spectral_weight_decay(X, cfg.wd, estimate=est),
+    caps=False,
+    options=("n_iter", "wd"),
+)
 @dataclass(frozen=True, kw_only=True)
 class SpectralWeightDecay(SpectralNormalize):
     r""":math:`W \leftarrow W - wd\,\hat\sigma u v^\top` every step (w_max is not used; reports only)."""
 
-    name: ClassVar[str] = "spectral_weight_decay"
     wd: float = 0.1
 
     def __post_init__(self) -> None:
@@ -130,6 +266,7 @@ class _Polynomial(_Method):
         return self.matmul_dtype
 
 
+@register("hard_cap", kind="full_spectrum", options=("exact",))
 @dataclass(frozen=True, kw_only=True)
 class HardCap(_Polynomial):
     """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or exact.
@@ -140,7 +277,6 @@ class HardCap(_Polynomial):
     float32 there, a 16-bit ``matmul_dtype`` is refused).
     """
 
-    name: ClassVar[str] = "hard_cap"
     exact: bool = False
     mode: str | None = None
 
@@ -155,6 +291,7 @@ class HardCap(_Polynomial):
             raise ValueError(f"HardCap: mode='msign' runs its products in float32 at least, got matmul_dtype={m}")
 
 
+@register("soft_cap", kind="full_spectrum", options=("alpha", "max_update_norm", "sensitive_to_wmax"))
 @dataclass(frozen=True, kw_only=True)
 class SoftCap(_Polynomial):
     r"""Soft cap :math:`f(\sigma)=\sigma-3\alpha^2\sigma^5+3\alpha^3\sigma^7-\alpha^4\sigma^9`.
@@ -169,7 +306,6 @@ class SoftCap(_Polynomial):
     ``alpha`` the polynomial's own range guard applies (:func:`fx_spectral.constraints.soft_cap`).
     """
 
-    name: ClassVar[str] = "soft_cap"
     alpha: float | None = None
     max_update_norm: float | None = None
     sensitive_to_wmax: bool = True
@@ -182,18 +318,18 @@ class SoftCap(_Polynomial):
                 raise ValueError(f"SoftCap: {field} must be a float >= 0 or None, got {value!r}")
 
 
+@register("pure_svd", kind="full_spectrum")
 @dataclass(frozen=True, kw_only=True)
 class PureSVD(_Method):
     """Exact cap by SVD: U min(S, w_max) Vᵀ (slow; a reference)."""
 
-    name: ClassVar[str] = "pure_svd"
 
 
+@register("orthogonalize", kind="full_spectrum", options=("exact", "sensitive_to_wmax"))
 @dataclass(frozen=True, kw_only=True)
 class Orthogonalize(_Polynomial):
     """Every singular value → w_max (``sensitive_to_wmax``) or 1: Newton–Schulz (``steps``) or ``exact`` SVD."""
 
-    name: ClassVar[str] = "orthogonalize"
     steps: int = C.DEFAULT_NS_STEPS
     exact: bool = False
     sensitive_to_wmax: bool = True
@@ -201,12 +337,6 @@ class Orthogonalize(_Polynomial):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_int("Orthogonalize", "steps", self.steps, 1)
-
-
-METHODS: dict[str, type[_Method]] = {
-    cls.name: cls
-    for cls in (SpectralNormalize, HardCap, SoftCap, SpectralHammer, SpectralWeightDecay, PureSVD, Orthogonalize)
-}
 
 
 def _method_config(method: str | _Method, options: Mapping[str, Any]) -> _Method:
@@ -269,7 +399,7 @@ def project_matrix(matrix: Tensor, cfg: _Method, ctx: ProjectionContext, *, scal
     gathered by a distributed implementation).
     """
     X = matrix.to(_compute_dtype(cfg, matrix.dtype)) / scale  # a fresh tensor: handlers may reuse it
-    Y = _HANDLERS[type(cfg)](X, cfg, ctx)
+    Y = _handler(type(cfg))(X, cfg, ctx)  # along the MRO: a subclass gets its parent's handler
     return Y.mul_(scale).to(matrix.dtype)  # NB: in place on the handler's fresh result
 
 
@@ -307,6 +437,7 @@ def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext, exact: bool = Fals
     return u, sigma, v
 
 
+@handles(SoftCap)
 def _soft_cap(X: Tensor, cfg: SoftCap, ctx: ProjectionContext) -> Tensor:
     unit = ctx.w_max if cfg.sensitive_to_wmax else 1.0
     cap = ctx.w_max / unit
@@ -330,32 +461,38 @@ def _coupling(w_max: float, decay: float, eta: float) -> float:
     return C.soft_cap_coupling(w_max, decay, eta)
 
 
+@handles(Orthogonalize)
 def _orthogonalize(X: Tensor, cfg: Orthogonalize, ctx: ProjectionContext) -> Tensor:
     Y = C.orthogonalize(X, steps=cfg.steps, exact=cfg.exact, matmul_dtype=cfg.products_dtype(ctx))
     return Y * ctx.w_max if cfg.sensitive_to_wmax else Y
 
 
-_HANDLERS: dict[type[_Method], Callable[[Tensor, Any, ProjectionContext], Tensor]] = {
-    SpectralNormalize: lambda X, cfg, ctx: C.spectral_normalize(
-        X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx, cfg.exact)
-    ),
-    SpectralHammer: lambda X, cfg, ctx: C.spectral_hammer(
-        X, ctx.w_max, estimate=_estimate(X, cfg.n_iter, ctx, cfg.exact)
-    ),
-    SpectralWeightDecay: lambda X, cfg, ctx: C.spectral_weight_decay(
-        X, cfg.wd, estimate=_estimate(X, cfg.n_iter, ctx, cfg.exact)
-    ),
-    HardCap: lambda X, cfg, ctx: C.hard_cap(
-        X,
-        ctx.w_max,
-        exact=cfg.exact,
-        mode=cfg.mode,
-        matmul_dtype=None if cfg.mode == "msign" else cfg.products_dtype(ctx),  # msign: float32 products
-    ),
-    SoftCap: _soft_cap,
-    PureSVD: lambda X, cfg, ctx: C.pure_svd(X, ctx.w_max),
-    Orthogonalize: _orthogonalize,
-}
+@handles(HardCap)
+def _hard_cap(X: Tensor, cfg: HardCap, ctx: ProjectionContext) -> Tensor:
+    matmul_dtype = None if cfg.mode == "msign" else cfg.products_dtype(ctx)  # msign: float32 products
+    return C.hard_cap(X, ctx.w_max, exact=cfg.exact, mode=cfg.mode, matmul_dtype=matmul_dtype)
+
+
+@handles(PureSVD)
+def _pure_svd(X: Tensor, cfg: PureSVD, ctx: ProjectionContext) -> Tensor:
+    return C.pure_svd(X, ctx.w_max)
+
+
+_missing = [r.name for cls, r in _REGISTRY.items() if cls not in _HANDLERS]
+if _missing:  # pragma: no cover - a method registered here without a handler is a bug in this file
+    raise RuntimeError(f"fx_spectral.methods: no handler for {_missing}")
+
+__all__ = [  # derived: every registered config, then the rest of the public surface
+    *(r.config.__name__ for r in _REGISTRY.values()),
+    "METHODS",
+    "Registration",
+    "register",
+    "handles",
+    "registration",
+    "ProjectionContext",
+    "project_matrix",
+    "muon_update_norm",
+]
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
+
+from fx_spectral.methods import METHODS, registration
 
 __all__ = ["SpectralConfig", "METHOD_NAMES"]
 
-#: The projection methods (the names fx_spectral.constrain takes); one Literal so that tyro turns
-#: it into a choice flag, and METHOD_NAMES derived from it for validation.
-MethodName = Literal[
-    "soft_cap",
-    "hard_cap",
-    "spectral_normalize",
-    "spectral_hammer",
-    "spectral_weight_decay",
-    "pure_svd",
-    "orthogonalize",
-]
-METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+#: The projection methods (the names fx_spectral.constrain takes), derived from the method
+#: registry (fx_spectral.methods.register): one Literal, so that tyro turns it into a choice flag.
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  (built at import: every registered name)
+
+#: A method option whose section field has another name (the rest are spelt alike).
+_SECTION_FIELD = {"wd": "spectral_wd"}
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -134,20 +131,7 @@ class SpectralConfig:
                 raise TypeError(f"spectral.{name}: expected a list of glob patterns, got {value!r}")
 
     def method_options(self) -> dict:
-        """The keyword options :func:`fx_spectral.constrain` takes for ``method``."""
-        m = self.method
-        if m == "soft_cap":
-            return {
-                "alpha": self.alpha,
-                "max_update_norm": self.max_update_norm,
-                "sensitive_to_wmax": self.sensitive_to_wmax,
-            }
-        if m in ("spectral_normalize", "spectral_hammer"):
-            return {"n_iter": self.n_iter}
-        if m == "spectral_weight_decay":
-            return {"n_iter": self.n_iter, "wd": self.spectral_wd}
-        if m == "hard_cap":
-            return {"exact": self.exact}
-        if m == "orthogonalize":
-            return {"exact": self.exact, "sensitive_to_wmax": self.sensitive_to_wmax}
-        return {}
+        """The keyword options :func:`fx_spectral.constrain` takes for ``method``: the section fields
+        its registration lists (``options=`` of :func:`fx_spectral.methods.register`; e.g. the
+        rank-one methods take ``n_iter`` but not ``exact``, which is for the caps)."""
+        return {o: getattr(self, _SECTION_FIELD.get(o, o)) for o in registration(METHODS[self.method]).options}

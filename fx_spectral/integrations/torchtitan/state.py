@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from fx_spectral.nn import weight_matrix
-
 __all__ = ["SpectralState", "canonical_name"]
 
 _WRAPPERS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -30,14 +28,8 @@ def canonical_name(name: str) -> str:
 
 
 def _entries(handle):
-    split = getattr(handle, "_split", None)
-    for t in handle._targets:
-        probe = torch.empty(t.param.shape, device="meta")
-        views = split(t.fqn, probe) if split is not None else None
-        if views is None:
-            shapes = {None: tuple(weight_matrix(probe, t.dim).shape)}
-        else:
-            shapes = {k: tuple(v.reshape(-1, v.shape[-1]).shape) for k, v in views.items()}
+    for t in handle.targets:
+        shapes = dict(handle.pieces(t))  # key -> (rows, cols) of each matrix the weight is projected as
         device = t.param.to_local().device if hasattr(t.param, "to_local") else t.param.device
         dtype = torch.float64 if t.param.dtype == torch.float64 else torch.float32
         for key in t.w_max:
@@ -63,7 +55,7 @@ class SpectralState(Stateful):
         out: dict[str, Any] = {}
         for handle in self.handles:
             for name, t, key, (m, n), device, dtype in _entries(handle):
-                prev = handle._get_vectors(t, key)
+                prev = handle.vectors.get(t, key)
                 ok = prev is not None and prev[0].shape[-1] == m and prev[1].shape[-1] == n
                 u = prev[0].detach().to(device, dtype).clone() if ok else torch.zeros(m, device=device, dtype=dtype)
                 v = prev[1].detach().to(device, dtype).clone() if ok else torch.zeros(n, device=device, dtype=dtype)
@@ -78,4 +70,4 @@ class SpectralState(Stateful):
                 if valid is None or not int(valid):
                     continue
                 # NB: replaces the handle's stored vectors (in the optimizer state).
-                handle._put_vectors(t, key, state_dict[f"{name}/u"].clone(), state_dict[f"{name}/v"].clone())
+                handle.vectors.put(t, key, state_dict[f"{name}/u"].clone(), state_dict[f"{name}/v"].clone())
