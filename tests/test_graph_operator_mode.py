@@ -1,0 +1,167 @@
+"""Operator mode in the graph: ``transform(model, mode="operator")`` and ``backend(mode="operator")``.
+
+References: the dense Jacobian's exact SVD (float64) for the true operator norm, and the eager
+``spectral_norm(..., mode="operator")`` on an identical copy with the same u/v.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fx_spectral import spectral_norm
+from fx_spectral.graph import transform
+from tests.test_nn_operator_mode import CASES, true_operator_norm
+
+NORM_CASES = ["conv2d", "stride2", "transposed", "circular", "reflect", "conv1d", "same_even"]
+
+
+def _sgd(model: nn.Module, x: torch.Tensor, steps: int, lr: float = 0.01) -> list[tuple]:
+    """SGD on a regression to fixed random targets; returns (output, grads) of every step."""
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with torch.no_grad():  # the target's shape from an eval call (no u/v update)
+        y = 3 * torch.randn_like(model.eval()(x))
+    model.train()
+    trace = []
+    for _ in range(steps):
+        out = model(x)
+        (out - y).square().mean().backward()
+        trace.append((out.detach().clone(), [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+        opt.zero_grad()
+    return trace
+
+
+def _uv(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("_u", "_v"))}
+
+
+def _mixed_model() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+        nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1), nn.Flatten(), nn.Linear(3 * 16 * 16, 5),
+    )
+
+
+def _eager_twin(model: nn.Sequential) -> nn.Sequential:
+    e = copy.deepcopy(model)
+    spectral_norm(e[0], mode="operator", input_shape=(3, 8, 8))
+    spectral_norm(e[2], mode="operator", input_shape=(4, 8, 8))
+    spectral_norm(e[4], mode="operator")  # a Linear: matrix mode
+    return e
+
+
+# --------------------------------------------------------------------------------------------
+# transform
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", NORM_CASES)
+def test_transform_operator_mode_is_1_lipschitz_after_training(case):
+    factory, shape = CASES[case]
+    torch.manual_seed(0)
+    x = torch.randn(4, *shape)
+    gm = transform(nn.Sequential(factory()), mode="operator", example_inputs=(x,))
+    _sgd(gm, x, steps=4)
+    norm = true_operator_norm(gm, shape)
+    assert 0.9 < norm <= 1.01, norm
+
+
+def test_transform_matches_eager_operator_mode_and_loads_its_state_dict():
+    torch.manual_seed(0)
+    model = _mixed_model()
+    eager = _eager_twin(model)
+    x = torch.randn(2, 3, 8, 8)
+    gm = transform(model, mode="operator", example_inputs=(x,))
+    assert {k: tuple(v.shape) for k, v in _uv(gm).items()} == {k: tuple(v.shape) for k, v in _uv(eager).items()}
+    gm.load_state_dict(eager.state_dict(), strict=True)  # eager operator mode -> transform, same u/v
+    for (out_g, grads_g), (out_e, grads_e) in zip(_sgd(gm, x, 3), _sgd(eager, x, 3)):
+        torch.testing.assert_close(out_g, out_e, rtol=1e-5, atol=1e-5)
+        for g, e in zip(grads_g, grads_e):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    uv_g, uv_e = _uv(gm), _uv(eager)
+    for k in uv_e:
+        torch.testing.assert_close(uv_g[k], uv_e[k], rtol=1e-5, atol=1e-5)
+    # and back: the transformed model's state loads strictly into the eager twin
+    eager.load_state_dict(gm.state_dict(), strict=True)
+
+
+def test_transform_eval_does_not_update_and_gradient_flows_through_sigma():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 2, 6, 6)
+    gm = transform(nn.Sequential(conv), mode="operator", example_inputs=(x,)).eval()
+    before = _uv(gm)
+    gm(x).sum().backward()
+    for k, v in _uv(gm).items():
+        assert torch.equal(v, before[k]), k
+    # the gradient includes d sigma / dW: with u, v fixed, sigma = <u, A(W) v> is linear in W
+    u, v = conv.weight_u.double(), conv.weight_v.double()
+    w = conv.weight.detach().double().requires_grad_()
+    sigma = (u * torch.nn.functional.conv2d(v[None], w, padding=1)[0]).sum()
+    torch.nn.functional.conv2d(x.double(), w / sigma, conv.bias.double(), padding=1).sum().backward()
+    torch.testing.assert_close(conv.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_transform_changed_input_shape_raises_naming_the_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv1d(1, 2, 3, padding=1)))
+    gm = transform(model, mode="operator", example_inputs=(torch.randn(3, 1, 4),))
+    gm(torch.randn(5, 1, 4))  # another batch size is fine
+    before = _uv(gm)
+    with pytest.raises(ValueError, match=r"^0\.0: .*\(1, 4\).*\(5, 1, 6\)"):
+        gm(torch.randn(5, 1, 6))
+    with pytest.raises(ValueError, match=r"^0\.0: "):
+        gm.eval()(torch.randn(5, 1, 6))
+    for k, v in _uv(gm).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_transform_without_shapes_raises_and_leaves_the_model_unchanged():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2))
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match=r"needs the input shape of '0' \(Conv2d\).*example_inputs"):
+        transform(model, mode="operator")
+    assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="example_inputs is only used with mode='operator'"):
+        transform(model, example_inputs=(torch.randn(1, 2, 4, 4),))
+    with pytest.raises(ValueError, match="expected mode 'matrix'"):
+        transform(model, mode="spectral")
+
+
+def test_transform_reuses_operator_uv_already_on_the_model():
+    # no example_inputs needed once the model holds operator-mode u/v (e.g. after a first transform)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(1, 2, 5, 5)
+    first = transform(model, mode="operator", example_inputs=(x,))
+    again = transform(model, mode="operator")
+    assert again.get_submodule("0").weight_v.shape == (2, 5, 5)
+    torch.testing.assert_close(again.eval()(x), first.eval()(x))
+    with pytest.raises(ValueError, match=r"expects float32 buffers shaped like one output / input example"):
+        transform(model, mode="operator", example_inputs=(torch.randn(1, 2, 6, 6),))
+
+
+def test_transform_operator_graph_is_one_node_per_conv_weight():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 16, 2))
+    gm = transform(model, mode="operator", example_inputs=(torch.randn(1, 2, 4, 4),))
+    from fx_spectral.graph.operator import operator_weight
+
+    for graph, training in ((gm.train_graph, True), (gm.eval_graph, False)):
+        nodes = [n for n in graph.nodes if n.target is operator_weight]
+        assert len(nodes) == 1
+        assert nodes[0].args[-1] is training and nodes[0].args[5] == "0"
+        assert [u.target for u in nodes[0].users] == [torch.conv2d]
+    assert torch.mv in {n.target for n in gm.train_graph.nodes}  # the Linear: matrix mode's nodes
+
+
+def test_transform_operator_mode_round_trips_through_deepcopy():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = transform(_mixed_model(), mode="operator", example_inputs=(x,)).eval()
+    twin = copy.deepcopy(gm)
+    torch.testing.assert_close(twin(x), gm(x), rtol=0, atol=0)
