@@ -25,7 +25,14 @@ from torch.fx import Graph, Node
 
 from fx_spectral import nn as sn
 
-__all__ = ["operator_weight", "insert_operator_normalization", "conv_module_input", "check_operator_uv"]
+__all__ = [
+    "operator_weight", "insert_operator_normalization", "conv_module_input", "check_operator_uv", "conv_consumers",
+    "ensure_operator_uv", "transposed_output_padding",
+]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # Lazy variants subclass these
+CONV_T_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_PAD = (F.pad, torch._C._nn.pad)  # symbolic_trace records F.pad, dynamo the builtin
 
 #: ``node.meta`` key on the operator-mode node: the name of the raw weight node (as NORMALIZED_META).
 OPERATOR_META = "fx_spectral_operator"
@@ -64,8 +71,8 @@ def conv_module_input(op: Node, module: nn.Module) -> Node | object:
     """The node of the module's input to the conv ``op`` (before the ``F.pad`` of a non-zeros padding_mode)."""
     x = op.args[0] if op.args else op.kwargs.get("input")
     if (
-        isinstance(module, sn._CONV) and module.padding_mode != "zeros" and isinstance(x, Node)
-        and x.op == "call_function" and x.target is F.pad
+        isinstance(module, CONV_TYPES) and module.padding_mode != "zeros" and isinstance(x, Node)
+        and x.op == "call_function" and x.target in _PAD
     ):
         return x.args[0]
     return x
@@ -111,3 +118,58 @@ def insert_operator_normalization(
         )
     node.meta[OPERATOR_META] = weight.name
     return node
+
+
+def transposed_output_padding(module: nn.Module, in_shape: tuple, out_shape: tuple) -> tuple[int, ...]:
+    """ConvTranspose: the output_padding mapping one input example's shape onto the output's (as the eager API)."""
+    pads = []
+    for i, k in enumerate(module.kernel_size):
+        s, p, d = module.stride[i], module.padding[i], module.dilation[i]
+        pads.append(out_shape[1 + i] - ((in_shape[1 + i] - 1) * s - 2 * p + d * (k - 1) + 1))
+    return tuple(pads)
+
+
+def conv_consumers(gm: nn.Module, node: Node) -> list[Node]:
+    """The weight ops using ``node`` as their weight, in ``gm.graph`` or (any depth) inside the subgraphs of
+    activation-checkpoint ops it is passed to (the body's op node, whose meta has the example shapes)."""
+    from fx_spectral.graph.ops import weight_arg, weight_op
+    from fx_spectral.graph.rewrite import SUBGRAPH_HOPS
+
+    out = []
+    for user in node.users:
+        if weight_op(user) is not None and weight_arg(user) is node:
+            out.append(user)
+        elif user.op == "call_function" and user.target in SUBGRAPH_HOPS and user.args:
+            body_attr = user.args[0]
+            body = getattr(gm, body_attr.target, None) if isinstance(body_attr, Node) else None
+            if not isinstance(body, torch.fx.GraphModule):
+                continue
+            placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+            for i, a in enumerate(user.args[1:]):
+                if a is node and i < len(placeholders):
+                    out.extend(conv_consumers(body, placeholders[i]))
+    return out
+
+
+def ensure_operator_uv(todo: list[tuple], eps: float) -> None:
+    """Create (or check) operator-mode u/v for ``(module, fqn, name, spec, in_shape, out_shape, weight)``.
+
+    Existing u/v must have the shapes of one input / output example (ValueError naming the module
+    otherwise: the input shape changed, or matrix-mode u/v are there). Validates everything before
+    registering anything. NB: registers float32 buffers ``{name}_u`` / ``{name}_v`` on the modules.
+    """
+    create = []
+    for module, fqn, name, spec, in_shape, out_shape, weight in todo:
+        where = f"{fqn}.{name}" if fqn else name
+        if check_operator_uv(module, name, in_shape, out_shape, where, "spectral backend") is not None:
+            continue
+        for k in ("_u", "_v"):
+            if hasattr(module, name + k):
+                raise ValueError(f"spectral backend: {where}: cannot add buffer {name + k!r}: the module already "
+                                 "has an attribute of that name")
+        create.append((module, name, spec, in_shape, weight))
+    with torch.inference_mode(False):
+        for module, name, spec, in_shape, weight in create:
+            u, v = sn.operator_init_uv(weight, spec, in_shape, eps)
+            module.register_buffer(name + "_u", u)
+            module.register_buffer(name + "_v", v)

@@ -26,7 +26,14 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _forward_from_src
 
 from fx_spectral import nn as sn
-from fx_spectral.graph.operator import check_operator_uv, conv_module_input, insert_operator_normalization
+from fx_spectral.graph.operator import (
+    CONV_T_TYPES,
+    CONV_TYPES,
+    check_operator_uv,
+    conv_module_input,
+    insert_operator_normalization,
+    transposed_output_padding,
+)
 from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, lowering_blocker
 
@@ -362,7 +369,7 @@ def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig, shapes: dict | Non
 def _operator_weight(root, owner, owner_path, attr, w, uses, shapes, cfg) -> _Weight:
     """The plan entry of a conv weight in operator mode: its operator and its input / output example shapes."""
     where = w.target
-    if not isinstance(owner, sn._CONV + sn._CONV_T) or attr != "weight":
+    if not isinstance(owner, CONV_TYPES + CONV_T_TYPES) or attr != "weight":
         raise ValueError(
             f"transform: mode='operator': {where!r} feeds a convolution but is not the weight of a Conv / "
             f"ConvTranspose module (owner {type(owner).__name__}); its operator is unknown. Exclude it with "
@@ -388,20 +395,11 @@ def _operator_weight(root, owner, owner_path, attr, w, uses, shapes, cfg) -> _We
             "nothing is updated), or load operator-mode u/v buffers onto the model first"
         )
     output_padding = None
-    if isinstance(owner, sn._CONV_T):
-        output_padding = _transposed_output_padding(owner, in_shape, out_shape)
+    if isinstance(owner, CONV_T_TYPES):
+        output_padding = transposed_output_padding(owner, in_shape, out_shape)
     spec = sn.conv_operator_spec(owner, output_padding)
-    return _Weight(w.target, owner_path, attr, 1 if isinstance(owner, sn._CONV_T) else 0, cfg.eps, spec,
+    return _Weight(w.target, owner_path, attr, 1 if isinstance(owner, CONV_T_TYPES) else 0, cfg.eps, spec,
                    in_shape, out_shape)
-
-
-def _transposed_output_padding(module: nn.Module, in_shape: tuple, out_shape: tuple) -> tuple[int, ...]:
-    # The output_padding mapping the input example's spatial shape onto the output's (as the eager API).
-    pads = []
-    for i, k in enumerate(module.kernel_size):
-        s, p, d = module.stride[i], module.padding[i], module.dilation[i]
-        pads.append(out_shape[1 + i] - ((in_shape[1 + i] - 1) * s - 2 * p + d * (k - 1) + 1))
-    return tuple(pads)
 
 
 def _example_shapes(model: nn.Module, graph: Graph, example_inputs) -> dict[str, tuple[int, ...]]:
