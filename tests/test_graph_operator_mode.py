@@ -10,11 +10,13 @@ import copy
 
 import pytest
 import torch
+from expecttest import TestCase
 from torch import nn
 
 import fx_spectral
 from fx_spectral import spectral_norm
 from fx_spectral.graph import transform
+from tests.test_graph_golden import code
 from tests.test_nn_operator_mode import CASES, true_operator_norm
 
 NORM_CASES = ["conv2d", "stride2", "transposed", "circular", "reflect", "conv1d", "same_even"]
@@ -284,3 +286,21 @@ def test_backend_mode_field():
     assert fx_spectral.backend(mode="operator", inner="eager").config._inductor_mode is None
     with pytest.raises(ValueError, match="inductor settings"):
         fx_spectral.backend(mode="max-autotune", inner="eager")
+
+
+class TestOperatorGolden(TestCase):
+    """What transform(mode="operator") emits, as code (regenerate with EXPECTTEST_ACCEPT=1)."""
+
+    def test_conv_transpose_operator_mode(self):
+        model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1))
+        gm = transform(model, mode="operator", example_inputs=(torch.randn(1, 2, 4, 4),))
+        self.assertExpectedInline(code(gm.eval_code), """\
+def forward(self, input):
+    input_1 = input
+    _0_weight = getattr(self, "0").weight
+    _0_bias = getattr(self, "0").bias
+    _0_weight_u = getattr(self, "0").weight_u
+    _0_weight_v = getattr(self, "0").weight_v
+    _0_weight_operator_normalized = fx_spectral_graph_operator_operator_weight(_0_weight, _0_weight_u, _0_weight_v, input_1, (None, 'constant', (2, 2), (1, 1), (1, 1), True, (0, 0), 1), '0', 1, 1e-12, False)
+    _0 = torch.conv_transpose2d(input_1, _0_weight_operator_normalized, _0_bias, (2, 2), (1, 1), (0, 0), 1, (1, 1))
+    return _0""")  # noqa: E501
