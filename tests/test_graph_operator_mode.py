@@ -163,6 +163,22 @@ def test_transform_operator_graph_is_one_node_per_conv_weight():
     assert torch.mv in {n.target for n in gm.train_graph.nodes}  # the Linear: matrix mode's nodes
 
 
+def test_transform_low_precision_and_more_power_iterations_match_eager():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    eager = copy.deepcopy(conv)
+    spectral_norm(eager, n_power_iterations=3, mode="operator", input_shape=(2, 6, 6))
+    x = torch.randn(2, 2, 6, 6)
+    gm = transform(nn.Sequential(conv), mode="operator", n_power_iterations=3, example_inputs=(x,))
+    gm.get_submodule("0").load_state_dict(eager.state_dict(), strict=True)
+    gm, eager = gm.to(torch.bfloat16), eager.to(torch.bfloat16)
+    assert conv.weight_u.dtype == torch.float32  # u/v stay float32; the estimate runs in float32
+    xb = x.to(torch.bfloat16)
+    torch.testing.assert_close(gm(xb), eager(xb), rtol=0, atol=0)
+    torch.testing.assert_close(conv.weight_u, eager.weight_u, rtol=0, atol=0)
+    torch.testing.assert_close(gm.eval()(xb), eager.eval()(xb), rtol=0, atol=0)
+
+
 def test_transform_operator_mode_round_trips_through_deepcopy():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
