@@ -51,6 +51,9 @@ __all__ = [
     "weight_matrix",
     "default_dim",
     "SUPPORTED_MODULES",
+    "conv_operator_spec",
+    "operator_init_uv",
+    "operator_normalized_weight",
 ]
 
 # torch runs 15 in _SpectralNorm.__init__ plus one more when register_parametrization checks the
@@ -541,16 +544,9 @@ def _materialize_operator_uv(module: nn.Module, spatial: tuple[int, ...], output
     """Create u/v for one input example of spatial shape ``spatial``, with the warm-up iterations."""
     # NB: materializes the module's lazy u/v buffers in place.
     cfg: _SNParam = module._sn_params["weight"]
-    weight = module.weight.detach().float()
-    op = _operator_of(module, output_padding)
-    v = F.normalize(weight.new_empty(1, module.in_channels, *spatial).normal_(0, 1).flatten(), dim=0, eps=cfg.eps)
-    v = v.view(1, module.in_channels, *spatial)
-    out = _op_apply(op, weight, v)
-    u = F.normalize(torch.randn_like(out).flatten(), dim=0, eps=cfg.eps).view_as(out)
-    for _ in range(N_OPERATOR_WARMUP_ITERATIONS):
-        u, _ = _normalize_or_keep(_op_apply(op, weight, v), u, cfg.eps)
-        v, _ = _normalize_or_keep(_op_adjoint(op, weight, u, v), v, cfg.eps)
-    for buf, val in ((module.weight_u, u[0]), (module.weight_v, v[0])):
+    u, v = operator_init_uv(module.weight, conv_operator_spec(module, output_padding),
+                            (module.in_channels, *spatial), cfg.eps)
+    for buf, val in ((module.weight_u, u), (module.weight_v, v)):
         buf.materialize(val.shape, device=val.device, dtype=torch.float32)
         buf.copy_(val)
 
@@ -559,23 +555,98 @@ def _operator_normalized_weight(module: nn.Module, training: bool) -> Tensor:
     r"""``W / sigma_op`` with :math:`\sigma_{op} = \langle u, A(W) v\rangle` (u, v constants: the gradient
     of sigma w.r.t. W is the conv's weight gradient for input v and output gradient u)."""
     cfg: _SNParam = module._sn_params["weight"]
-    weight, u_buf, v_buf, eps = module.weight, module.weight_u, module.weight_v, cfg.eps
-    op = _operator_of(module, _buffer_output_padding(module))
+    spec = conv_operator_spec(module, _buffer_output_padding(module))
+    return operator_normalized_weight(
+        module.weight, module.weight_u, module.weight_v, spec,
+        n_power_iterations=cfg.n_power_iterations, eps=cfg.eps, training=training,
+    )
+
+
+def conv_operator_spec(module: nn.Module, output_padding: Iterable[int] | None = None) -> tuple:
+    """The operator of a Conv/ConvTranspose 1-3d as a plain hashable tuple (for graphs): ``(pre_pad, pad_mode,
+    stride, padding, dilation, transposed, output_padding, groups)`` (ints, tuples and a str only).
+
+    ``pre_pad`` is None or the ``F.pad`` amounts of the padding map applied before ``aten.convolution``
+    (``padding_mode != "zeros"``, or an asymmetric ``padding="same"``). ``output_padding`` is needed for
+    ConvTranspose (the one its forward uses); ignored for Conv.
+
+    Example::
+
+        >>> conv_operator_spec(nn.Conv2d(3, 8, 3, padding=1))
+        (None, 'constant', (1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+    """
+    if isinstance(module, _CONV_T) and output_padding is None:
+        output_padding = tuple(module.output_padding)
+    op = _operator_of(module, None if output_padding is None else tuple(output_padding))
+    return (op.pre_pad, op.pad_mode) + tuple(op.conv_args)
+
+
+def _spec_operator(spec: tuple) -> _ConvOperator:
+    return _ConvOperator(spec[0], spec[1], tuple(spec[2:]))
+
+
+@torch.no_grad()
+def operator_init_uv(weight: Tensor, spec: tuple, input_shape: Iterable[int], eps: float = 1e-12
+                     ) -> tuple[Tensor, Tensor]:
+    r"""Initial float32 ``(u, v)`` of operator mode for one input example of shape ``input_shape``
+    (``(C_in, *spatial)``): random unit vectors, then ``N_OPERATOR_WARMUP_ITERATIONS`` power-iteration
+    steps :math:`u \leftarrow A v/\lVert A v\rVert,\ v \leftarrow A^\top u/\lVert A^\top u\rVert` (as
+    ``spectral_norm(..., mode="operator")`` does at the first forward). ``spec``: :func:`conv_operator_spec`.
+
+    Returns:
+        ``u`` shaped like one output example, ``v`` like one input example (no batch dimension).
+    """
+    op = _spec_operator(spec)
+    weight = weight.detach().float()
+    v = F.normalize(weight.new_empty(1, *input_shape).normal_(0, 1).flatten(), dim=0, eps=eps)
+    v = v.view(1, *input_shape)
+    out = _op_apply(op, weight, v)
+    u = F.normalize(torch.randn_like(out).flatten(), dim=0, eps=eps).view_as(out)
+    for _ in range(N_OPERATOR_WARMUP_ITERATIONS):
+        u, _ = _normalize_or_keep(_op_apply(op, weight, v), u, eps)
+        v, _ = _normalize_or_keep(_op_adjoint(op, weight, u, v), v, eps)
+    return u[0].contiguous(), v[0].contiguous()
+
+
+def operator_normalized_weight(
+    weight: Tensor, u: Tensor, v: Tensor, spec: tuple, *, n_power_iterations: int = 1, eps: float = 1e-12,
+    training: bool = True,
+) -> Tensor:
+    r"""``W / sigma_op``: the weight of a Conv/ConvTranspose normalized by the norm of its operator.
+
+    .. math:: u \leftarrow \frac{A(W) v}{\lVert A(W) v\rVert},\quad
+              v \leftarrow \frac{A(W)^\top u}{\lVert A(W)^\top u\rVert},\quad
+              \sigma_{op} = \langle u, A(W) v\rangle,\quad \bar W = W / \sigma_{op}
+
+    The functional form of ``spectral_norm(..., mode="operator")`` (its forward computes exactly this),
+    for graphs: ``u``/``v`` are the float32 buffers (one output / input example, no batch dimension),
+    ``spec`` is :func:`conv_operator_spec`. Training: ``n_power_iterations`` steps without gradient, then
+    NB: ``u``/``v`` are updated in place; sigma is clamped to ``>= eps``. Eval: no update (sigma from
+    copies of u/v), ``eps`` only where sigma is exactly 0. The gradient flows through ``W`` in sigma.
+
+    Example::
+
+        >>> conv = nn.Conv2d(3, 8, 3, padding=1)
+        >>> spec = conv_operator_spec(conv)
+        >>> u, v = operator_init_uv(conv.weight, spec, (3, 16, 16))
+        >>> w_bar = operator_normalized_weight(conv.weight, u, v, spec, training=False)
+    """
+    op = _spec_operator(spec)
     dt = _compute_dtype(weight.dtype)
     w = weight.to(dt)
     with torch.no_grad():
         wd = w.detach()
-        u, v = u_buf.to(dt).unsqueeze(0), v_buf.to(dt).unsqueeze(0)
+        uc, vc = u.to(dt).unsqueeze(0), v.to(dt).unsqueeze(0)
         if training and not _recomputing():  # a checkpoint recompute reuses the forward's u/v
-            for _ in range(cfg.n_power_iterations):
-                u, _ = _normalize_or_keep(_op_apply(op, wd, v), u, eps)
-                v, _ = _normalize_or_keep(_op_adjoint(op, wd, u, v), v, eps)
-            _write_uv_(u_buf, v_buf, u[0], v[0])
+            for _ in range(n_power_iterations):
+                uc, _ = _normalize_or_keep(_op_apply(op, wd, vc), uc, eps)
+                vc, _ = _normalize_or_keep(_op_adjoint(op, wd, uc, vc), vc, eps)
+            _write_uv_(u, v, uc[0], vc[0])
         elif weight.requires_grad and torch.is_grad_enabled():
             # NB: copies saved for backward: a later training forward updates the buffers in place.
-            u, v = u.clone(), v.clone()
-        v_in = _op_pad(op, v)
-    sigma = torch.sum(u * torch.ops.aten.convolution(v_in, w, None, *op.conv_args))
+            uc, vc = uc.clone(), vc.clone()
+        v_in = _op_pad(op, vc)
+    sigma = torch.sum(uc * torch.ops.aten.convolution(v_in, w, None, *op.conv_args))
     # Training: sigma = ||A^T u|| >= 0; eval: stale u/v may give any sign, only an exact 0 needs the guard.
     sigma = sigma.clamp_min(eps) if training else torch.where(sigma == 0, eps, sigma)
     return (w / sigma).to(weight.dtype)

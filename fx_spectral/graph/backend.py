@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from fx_spectral.graph.compiled import Slot, SpectralGraph, inner_compile
+from fx_spectral.graph.operator import conv_consumers
 from fx_spectral.graph.owners import ensure_uv, remember_roots, wanted
 
 __all__ = ["SpectralBackendConfig", "backend", "prepare", "spectral_backend"]
@@ -63,7 +64,11 @@ class SpectralBackendConfig:
         filter_fn: ``filter_fn(module, fqn) -> bool`` picks which owning modules are normalized
             (``fqn`` relative to the root module of the compiled frame). Default: all.
         name: the parameter name(s) to normalize. Default ``"weight"``.
-        mode: torch.compile ``mode`` for the inductor inner backend (e.g. ``"max-autotune"``).
+        mode: ``"matrix"`` / ``"operator"``: the normalization (default matrix: sigma of the reshaped
+            weight, torch's; operator: Conv / ConvTranspose weights divided by the norm of the
+            convolution operator for the input shape the graph sees, Linear as matrix). Any other
+            string is the torch.compile ``mode`` for the inductor inner backend (e.g.
+            ``"max-autotune"``; with operator mode, pass inductor settings as ``inner_options``).
         inner_options: inductor config options (``torch.compile(options=...)`` style) for the inner
             backend; only honoured with ``inner="inductor"``.
     """
@@ -91,7 +96,7 @@ class SpectralBackendConfig:
             raise TypeError(f"spectral backend: expected `inner_options` to be a dict, got {self.inner_options!r}")
         if self.inner == BACKEND_NAME:
             raise ValueError("spectral backend: `inner` cannot be 'spectral' itself; use 'inductor' or 'aot_eager'")
-        if not self._inductor and (self.mode is not None or self.inner_options):
+        if not self._inductor and (self._inductor_mode is not None or self.inner_options):
             raise ValueError(
                 f"spectral backend: `mode` and `inner_options` are inductor settings, but inner={self.inner!r}; "
                 "drop them or use inner='inductor'"
@@ -101,6 +106,19 @@ class SpectralBackendConfig:
     @property
     def _inductor(self) -> bool:
         return self.inner == "inductor"
+
+    @property
+    def _operator(self) -> bool:
+        """Operator mode (``mode="operator"``)."""
+        return self.mode == "operator"
+
+    @property
+    def _inductor_mode(self) -> str | None:
+        """The torch.compile mode for inductor (``mode`` unless it names the normalization)."""
+        return None if self.mode in _NORM_MODES else self.mode
+
+
+_NORM_MODES = ("matrix", "operator")
 
 
 _CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(SpectralBackendConfig))
@@ -154,7 +172,12 @@ def backend(
         eps: guard for the vector norms and for sigma. Default 1e-12.
         filter_fn: ``filter_fn(module, fqn) -> bool``: which owning modules to normalize.
         name: the parameter name(s) to normalize. Default ``"weight"``.
-        mode, inner_options: torch.compile ``mode`` / ``options`` passed on to inductor.
+        mode: ``"operator"``: Conv / ConvTranspose weights divided by the norm of their convolution
+            operator :math:`\sigma_{op} = \langle u, A(W) v\rangle` for the input shape the graph sees
+            (u/v shaped like one output / input example, as ``spectral_norm(..., mode="operator")``;
+            a call with another input shape raises ValueError naming the module). ``"matrix"`` or
+            None (default): matrix mode. Any other string is a torch.compile mode for inductor.
+        inner_options: torch.compile ``options`` passed on to inductor.
 
     Returns:
         a backend for ``torch.compile(model, backend=...)``.
@@ -338,7 +361,8 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
             continue
         if not param.is_floating_point() or param.dim() < 2:
             continue
-        slots.append(Slot(index[w], dims.pop(), _describe(w)))
+        shapes = _operator_shapes(gm, w, consumers) if config._operator else None
+        slots.append(Slot(index[w], dims.pop(), _describe(w), *(shapes or (None, None))))
     for node, ph in mixed:
         warnings.warn(
             f"spectral backend: inside the checkpointed subgraph of {node.name}, {ph.name} is also read by ops "
@@ -354,6 +378,44 @@ def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBacken
             stacklevel=4,
         )
     return sorted(slots, key=lambda s: s.index)
+
+
+def _operator_shapes(gm: torch.fx.GraphModule, w: torch.fx.Node, consumers) -> tuple[tuple, tuple] | None:
+    """Operator mode: the (input, output) shapes of one example of the conv using ``w`` (None: a Linear).
+
+    The input is the conv op's, before the ``F.pad`` of a non-zeros padding_mode (the owner tells
+    which, at bind time: see :class:`fx_spectral.graph.compiled.SpectralGraph`). Raises ValueError
+    for a weight used by several convs, by a conv and a linear, or with symbolic channel / spatial sizes.
+    """
+    from fx_spectral.graph.ops import weight_op
+
+    ops = conv_consumers(gm, w)
+    kinds = {weight_op(op).kind for op in ops}
+    if kinds <= {"linear"}:
+        return None
+    if len(ops) != 1 or len(kinds) != 1:
+        raise ValueError(
+            f"spectral backend: mode='operator': {_describe(w)} is used by {len(ops)} ops ({sorted(kinds)}); "
+            "operator-mode u/v describe one convolution with one input shape"
+        )
+    op = ops[0]
+    x = op.args[0] if op.args else op.kwargs.get("input")
+    shapes = []
+    for node in (x, op):
+        val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            raise ValueError(f"spectral backend: mode='operator': no example shape for the convolution of "
+                             f"{_describe(w)}")
+        shape = tuple(val.shape[1:])
+        if not all(isinstance(d, int) for d in shape):
+            raise ValueError(
+                f"spectral backend: mode='operator': the convolution of {_describe(w)} has symbolic sizes "
+                f"{shape} (dynamo makes sizes dynamic when a new input shape arrives); its operator norm and u/v "
+                "depend on the input shape: keep the input shape fixed (compile with dynamic=False to get an "
+                "error naming the module, or mark only the batch dimension dynamic)"
+            )
+        shapes.append(shape)
+    return shapes[0], shapes[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,6 +473,8 @@ def _prepare(model: nn.Module, config: SpectralBackendConfig) -> nn.Module:
     for fqn, module in model.named_modules():
         if not isinstance(module, SUPPORTED_MODULES):
             continue
+        if config._operator and not isinstance(module, nn.Linear):
+            continue  # operator-mode u/v are shaped by the input: created at the first call
         for n in config.name:
             p = module._parameters.get(n)
             if p is None or not wanted(config, module, fqn, n):

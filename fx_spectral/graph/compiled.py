@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fx_spectral import nn as sn
+from fx_spectral.graph.operator import CONV_T_TYPES, CONV_TYPES, ensure_operator_uv, transposed_output_padding
 from fx_spectral.graph.owners import ensure_uv, find_owners, wanted
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ class Slot:
     index: int
     dim: int
     source: str  # e.g. L['self']._modules['fc']._parameters['weight'] (for messages)
+    op_in: tuple | None = None  # operator mode: the conv op's input shape (one example), None: matrix
+    op_out: tuple | None = None  # operator mode: the conv op's output shape (one example)
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -55,28 +59,41 @@ def _rewritten(
     labels: list[str],
     mode: tuple[bool | None, ...],
     config: SpectralBackendConfig,
+    specs: list[tuple | None] | None = None,
 ) -> torch.fx.GraphModule:
     """``gm`` with the weights of ``mode`` (True: training, False: eval, None: left alone) normalized.
 
     The u/v of the normalized weights are extra inputs, after the original ones, in slot order.
     A weight that reaches its op through an activation-checkpoint subgraph is normalized outside
     it: the higher-order op receives ``W / sigma`` in place of ``W`` (its subgraph is not edited).
+    ``specs`` (operator mode): per slot, the conv's operator (:func:`fx_spectral.nn.conv_operator_spec`)
+    or None; a slot with a spec gets one ``operator_weight`` node instead of the matrix-mode nodes.
     """
+    from fx_spectral.graph.operator import insert_operator_normalization
     from fx_spectral.graph.rewrite import find_weight_uses_nested, insert_normalization
 
     graph = _copy_graph(gm.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    active = [(s, label, train) for s, label, train in zip(slots, labels, mode) if train is not None]
+    specs = specs or [None] * len(slots)
+    active = [(s, label, train, spec) for s, label, train, spec in zip(slots, labels, mode, specs) if train is not None]
     last, uv = placeholders[-1], []
-    for _, label, _ in active:
+    for _, label, _, _ in active:
         for k in ("_u", "_v"):
             with graph.inserting_after(last):
                 last = graph.placeholder(re.sub(r"\W|^(?=\d)", "_", f"{label}{k}"))
             uv.append(last)
     uses, _, _ = find_weight_uses_nested(gm, graph)
     # each weight's nodes go right after the placeholders: in reverse, so they read in graph order
-    for j, (s, _, train) in reversed(list(enumerate(active))):
+    for j, (s, label, train, spec) in reversed(list(enumerate(active))):
         w = placeholders[s.index]
+        if spec is not None:
+            new = insert_operator_normalization(
+                graph, w, uv[2 * j], uv[2 * j + 1], None, uv[-1].next, spec=spec, where=label,
+                n_power_iterations=config.n_power_iterations, eps=config.eps, training=train,
+            )
+            for consumer in dict.fromkeys(op for op, _ in uses[w]):
+                consumer.replace_input_with(w, new)
+            continue
         new = insert_normalization(
             graph,
             w,
@@ -102,10 +119,10 @@ def inner_compile(config: SpectralBackendConfig, gm: torch.fx.GraphModule, input
         from torch._inductor.compile_fx import compile_fx
 
         patches = {}
-        if config.mode is not None:
+        if config._inductor_mode is not None:
             from torch._inductor import list_mode_options
 
-            patches.update(list_mode_options(config.mode, dynamic))
+            patches.update(list_mode_options(config._inductor_mode, dynamic))
         patches.update(config.inner_options)
         return compile_fx(gm, inputs, config_patches=patches) if patches else compile_fx(gm, inputs)
     from torch._dynamo.backends.registry import lookup_backend
@@ -172,6 +189,7 @@ class SpectralGraph:
         self._index = tuple(s.index for s in slots)
         self._bindings: dict[tuple[int, ...], _Binding] = {}
         self._warned: set[int] = set()
+        self.specs: list[tuple | None] = [None] * len(slots)  # operator mode: per slot, set at the first bind
         self.variants: dict[tuple[bool | None, ...], Callable] = {}
         key = tuple(id(example_inputs[i]) for i in self._index)
         binding = self._bind(key, example_inputs, roots, sys._getframe(1))
@@ -190,7 +208,7 @@ class SpectralGraph:
     def _bind(self, key, args, roots=(), frame=None) -> _Binding:
         params = [args[i] for i in self._index]
         owners = find_owners(params, roots, frame if frame is not None else sys._getframe(2))
-        entries, todo, first = [], [], []
+        entries, todo, todo_op, first = [], [], [], []
         for s, p, owner in zip(self.slots, params, owners):
             if owner is None:
                 self._warn_unowned(s, p)
@@ -199,17 +217,49 @@ class SpectralGraph:
                 continue
             module, fqn, name = owner
             on = wanted(self.config, module, fqn, name)
-            if on:
+            if on and s.op_in is not None:
+                todo_op.append(self._operator_state(s, module, fqn, name, p))
+            elif on:
                 todo.append((module, fqn, name, s.dim, p))
             entries.append((s.index, weakref.ref(module), name, name + "_u", name + "_v", on))
             first.append((fqn, name))
         ensure_uv(todo, self.config.eps)
+        ensure_operator_uv(todo_op, self.config.eps)
         if not hasattr(self, "_first_owners"):
             self._first_owners = first
         if len(self._bindings) >= _MAX_BINDINGS:  # Parameter sets that died; their ids are stale keys
             self._bindings.clear()
         binding = self._bindings[key] = _Binding(tuple(entries))
         return binding
+
+    def _operator_state(self, s: Slot, module, fqn: str, name: str, p) -> tuple:
+        """Operator mode: ``(module, fqn, name, spec, in_shape, out_shape, weight)`` of one weight, its spec
+        checked against (or, at the first bind, recorded for) the compiled graph."""
+        where = f"{fqn}.{name}" if fqn else name
+        if not isinstance(module, CONV_TYPES + CONV_T_TYPES) or name != "weight":
+            raise ValueError(
+                f"spectral backend: mode='operator': {where} ({type(module).__name__}) feeds a convolution but is "
+                "not the weight of a Conv / ConvTranspose module; its operator is unknown (exclude it with filter_fn)"
+            )
+        in_shape, out_shape = s.op_in, s.op_out
+        if isinstance(module, CONV_TYPES) and module.padding_mode != "zeros":
+            # the graph's conv reads the padded input: one example's own shape is smaller by the padding
+            pad = sn.conv_operator_spec(module)[0]
+            spatial = [d - pad[2 * j] - pad[2 * j + 1] for j, d in enumerate(reversed(in_shape[1:]))]
+            in_shape = (in_shape[0], *reversed(spatial))
+        output_padding = None
+        if isinstance(module, CONV_T_TYPES):
+            output_padding = transposed_output_padding(module, in_shape, out_shape)
+        spec = sn.conv_operator_spec(module, output_padding)
+        i = self.slots.index(s)
+        if self.specs[i] is None:
+            self.specs[i] = spec
+        elif self.specs[i] != spec:
+            raise ValueError(
+                f"spectral backend: mode='operator': {where}: this graph was compiled for the operator {self.specs[i]}"
+                f", this module's is {spec}"
+            )
+        return (module, fqn, name, spec, in_shape, out_shape, p)
 
     def _warn_unowned(self, slot: Slot, param: torch.Tensor) -> None:
         if slot.index in self._warned:
@@ -223,7 +273,7 @@ class SpectralGraph:
         )
 
     def _compile(self, mode: tuple[bool | None, ...], inputs: list, uv: list) -> Callable:
-        gm = _rewritten(self.gm, self.slots, self.labels, mode, self.config)
+        gm = _rewritten(self.gm, self.slots, self.labels, mode, self.config, self.specs)
         fn = self.variants[mode] = inner_compile(self.config, gm, inputs + uv, self.dynamic)
         return fn
 

@@ -26,7 +26,15 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _forward_from_src
 
 from fx_spectral import nn as sn
-from fx_spectral.graph.ops import MODULE_TYPES
+from fx_spectral.graph.operator import (
+    CONV_T_TYPES,
+    CONV_TYPES,
+    check_operator_uv,
+    conv_module_input,
+    insert_operator_normalization,
+    transposed_output_padding,
+)
+from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, lowering_blocker
 
 __all__ = ["SpectralConfig", "SpectralGraphModule", "transform", "spectral_pass"]
@@ -45,17 +53,21 @@ class SpectralConfig:
             feeding a linear / conv / conv_transpose op. Default ``"weight"``.
         n_power_iterations: power-iteration steps per training call. Default 1.
         eps: guard for the vector norms and for sigma. Default 1e-12.
+        mode: ``"matrix"`` (default: sigma of the reshaped weight, torch's) or ``"operator"`` (Conv /
+            ConvTranspose weights divided by the norm of the convolution operator; Linear as matrix).
     """
 
     filter_fn: Callable[[nn.Module, str], bool] | None = None
     name: str | tuple[str, ...] | None = "weight"
     n_power_iterations: int = 1
     eps: float = 1e-12
+    mode: str = "matrix"
 
     def __post_init__(self):
         if self.name is not None:
             object.__setattr__(self, "name", sn._names(self.name, "transform"))
         sn._check_options(self.n_power_iterations, self.eps, "transform")
+        sn._check_mode(self.mode, "transform")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(
                 f"transform: expected filter_fn to be callable(module, fqn) -> bool, got {self.filter_fn!r}"
@@ -64,13 +76,17 @@ class SpectralConfig:
 
 @dataclass(frozen=True)
 class _Weight:
-    """One normalized weight: its get_attr target, owner path, attribute, dim, eps."""
+    """One normalized weight: its get_attr target, owner path, attribute, dim, eps; operator mode: the
+    operator's spec (:func:`fx_spectral.nn.conv_operator_spec`) and one input / output example's shape."""
 
     target: str
     owner: str
     attr: str
     dim: int
     eps: float
+    spec: tuple | None = None
+    in_shape: tuple | None = None
+    out_shape: tuple | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,8 +331,11 @@ def _merge_get_attrs(graph: Graph) -> None:
             first[node.target] = node
 
 
-def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig) -> tuple[_Weight, ...]:
-    """The get_attr weights of ``graph`` to normalize, validated (nothing is mutated)."""
+def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig, shapes: dict | None = None) -> tuple[_Weight, ...]:
+    """The get_attr weights of ``graph`` to normalize, validated (nothing is mutated).
+
+    ``shapes``: operator mode, node name -> its output's shape (from ``example_inputs``), or None.
+    """
     plan: list[_Weight] = []
     for w, uses in find_weight_uses(graph).items():
         if w.op != "get_attr":
@@ -339,9 +358,67 @@ def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig) -> tuple[_Weight, 
             raise ValueError(
                 f"transform: weight {where!r} must be a floating-point tensor with >= 2 dims, got {type(weight)}"
             )
+        if cfg.mode == "operator" and any(WEIGHT_OPS[op.target].kind != "linear" for op, _ in uses):
+            plan.append(_operator_weight(root, owner, owner_path, attr, w, uses, shapes, cfg))
+            continue
         _check_existing_uv(owner, attr, weight, dim, where)
         plan.append(_Weight(w.target, owner_path, attr, dim, cfg.eps))
     return tuple(plan)
+
+
+def _operator_weight(root, owner, owner_path, attr, w, uses, shapes, cfg) -> _Weight:
+    """The plan entry of a conv weight in operator mode: its operator and its input / output example shapes."""
+    where = w.target
+    if not isinstance(owner, CONV_TYPES + CONV_T_TYPES) or attr != "weight":
+        raise ValueError(
+            f"transform: mode='operator': {where!r} feeds a convolution but is not the weight of a Conv / "
+            f"ConvTranspose module (owner {type(owner).__name__}); its operator is unknown. Exclude it with "
+            "filter_fn, or use mode='matrix'"
+        )
+    if len(uses) != 1:
+        raise ValueError(
+            f"transform: mode='operator': {where!r} is used by {len(uses)} convolutions; operator-mode u/v "
+            "describe one input shape, so each conv weight must be used once"
+        )
+    op = uses[0][0]
+    x = conv_module_input(op, owner)
+    in_shape = out_shape = None
+    if shapes is not None and isinstance(x, torch.fx.Node) and x.name in shapes and op.name in shapes:
+        in_shape, out_shape = tuple(shapes[x.name][1:]), tuple(shapes[op.name][1:])
+    have = check_operator_uv(owner, attr, in_shape, out_shape, where, "transform")
+    if have is not None:
+        in_shape, out_shape = have
+    if in_shape is None:
+        raise ValueError(
+            f"transform: mode='operator' needs the input shape of {owner_path!r} ({type(owner).__name__}): "
+            "pass example_inputs=(x, ...) (one batch of real inputs; the model is run on fake tensors, "
+            "nothing is updated), or load operator-mode u/v buffers onto the model first"
+        )
+    output_padding = None
+    if isinstance(owner, CONV_T_TYPES):
+        output_padding = transposed_output_padding(owner, in_shape, out_shape)
+    spec = sn.conv_operator_spec(owner, output_padding)
+    return _Weight(w.target, owner_path, attr, 1 if isinstance(owner, CONV_T_TYPES) else 0, cfg.eps, spec,
+                   in_shape, out_shape)
+
+
+def _example_shapes(model: nn.Module, graph: Graph, example_inputs) -> dict[str, tuple[int, ...]]:
+    """node name -> shape of its (tensor) output, from running ``graph`` on fake copies of ``example_inputs``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"transform: expected example_inputs to be a tuple of inputs, got {type(example_inputs)}")
+    gm = GraphModule(model, copy.deepcopy(graph))
+    try:
+        ShapeProp(gm, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+    except Exception as err:
+        raise ValueError(f"transform: running the traced model on example_inputs failed ({err})") from err
+    return {
+        n.name: tuple(n.meta["tensor_meta"].shape)
+        for n in gm.graph.nodes
+        if hasattr(n.meta.get("tensor_meta"), "shape")
+    }
 
 
 def _check_existing_uv(owner: nn.Module, attr: str, weight: torch.Tensor, dim: int, where: str) -> None:
@@ -365,11 +442,14 @@ def _commit(root: nn.Module, plan: tuple[_Weight, ...], deferred: list[nn.Module
         owner = root.get_submodule(w.owner)
         if w.attr + "_u" in owner._buffers:
             continue  # reuse: the same model transformed twice, or a loaded checkpoint
-        u, v = sn._init_uv(getattr(owner, w.attr), w.dim, w.eps)
+        if w.spec is not None:
+            u, v = sn.operator_init_uv(getattr(owner, w.attr), w.spec, w.in_shape, w.eps)
+        else:
+            u, v = sn._init_uv(getattr(owner, w.attr), w.dim, w.eps)
         owner.register_buffer(w.attr + "_u", u)
         owner.register_buffer(w.attr + "_v", v)
     for module in deferred:
-        sn.spectral_norm(module, "weight", n_power_iterations=cfg.n_power_iterations, eps=cfg.eps)
+        sn.spectral_norm(module, "weight", n_power_iterations=cfg.n_power_iterations, eps=cfg.eps, mode=cfg.mode)
 
 
 def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: SpectralConfig, training: bool) -> None:
@@ -380,6 +460,9 @@ def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: Spec
             continue
         info = targets[w.target]
         weight = _resolve(root, w.target)
+        if info.spec is not None:
+            _rewrite_operator(root, graph, w, uses, info, cfg, training)
+            continue
         with graph.inserting_before(w.next):
             u = graph.get_attr(f"{w.target}_u")
             v = graph.get_attr(f"{w.target}_v")
@@ -391,6 +474,20 @@ def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: Spec
         for op, _ in uses:
             op.replace_input_with(w, new)
     graph.lint()
+
+
+def _rewrite_operator(root, graph: Graph, w, uses, info: _Weight, cfg: SpectralConfig, training: bool) -> None:
+    # NB: edits graph in place: one operator_weight node before the conv, fed to it.
+    op = uses[0][0]
+    x = conv_module_input(op, root.get_submodule(info.owner))
+    with graph.inserting_before(op):
+        u = graph.get_attr(f"{w.target}_u")
+        v = graph.get_attr(f"{w.target}_v")
+    new = insert_operator_normalization(
+        graph, w, u, v, x if isinstance(x, torch.fx.Node) else None, op, spec=info.spec,
+        where=info.owner or info.target, n_power_iterations=cfg.n_power_iterations, eps=cfg.eps, training=training,
+    )
+    op.replace_input_with(w, new)
 
 
 def _autocast_guard(device_type: str) -> str | None:
@@ -440,6 +537,8 @@ def transform(
     n_power_iterations: int = 1,
     eps: float = 1e-12,
     concrete_args: dict | None = None,
+    mode: str = "matrix",
+    example_inputs: tuple | None = None,
 ) -> SpectralGraphModule:
     r"""Trace ``model`` and spectral-normalize every weight feeding a linear / conv / conv_transpose op.
 
@@ -471,6 +570,15 @@ def transform(
         n_power_iterations: power-iteration steps per training call. Default 1.
         eps: guard for the vector norms and for sigma. Default 1e-12.
         concrete_args: passed to ``torch.fx.Tracer.trace`` to fix arguments that steer control flow.
+        mode: ``"matrix"`` (default) or ``"operator"``: every Conv / ConvTranspose weight is divided
+            by the norm of its convolution operator :math:`\sigma_{op} = \langle u, A(W) v\rangle`
+            (one ``operator_weight`` node per weight, the eager operator mode's function), with u/v
+            shaped like one input / output example (``weight_u`` ``(C_out, *spatial_out)``,
+            ``weight_v`` ``(C_in, *spatial_in)``, as ``spectral_norm(..., mode="operator")``); Linear
+            weights as in matrix mode. The shapes come from ``example_inputs`` (or from operator-mode
+            u/v already on the model). A call with another input shape raises ValueError.
+        example_inputs: operator mode: a tuple of example inputs of the shape the model will see;
+            the traced graph runs once on fake copies of them (nothing is computed or updated).
 
     Returns:
         a :class:`SpectralGraphModule`.
@@ -484,7 +592,9 @@ def transform(
         >>> sorted(k for k in gm.state_dict() if k.endswith(("_u", "_v")))
         ['0.weight_u', '0.weight_v', '2.weight_u', '2.weight_v']
     """
-    cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps)
+    cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps, mode=mode)
+    if example_inputs is not None and mode != "operator":
+        raise ValueError(f"transform: example_inputs is only used with mode='operator', got mode={mode!r}")
     if isinstance(model, SpectralGraphModule):
         raise ValueError("transform: the model is already a SpectralGraphModule (transformed once)")
     if isinstance(model, GraphModule):
@@ -498,7 +608,8 @@ def transform(
     graph.owning_module = model
     deferred = _lower_leaves(model, graph, cfg)
     _merge_get_attrs(graph)
-    plan = _plan(model, graph, cfg)
+    shapes = _example_shapes(model, graph, example_inputs) if example_inputs is not None else None
+    plan = _plan(model, graph, cfg, shapes)
     _commit(model, plan, deferred, cfg)
     out = SpectralGraphModule(model, graph, plan, cfg)
     _install_owners(out, model, plan)
