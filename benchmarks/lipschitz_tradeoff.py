@@ -5,15 +5,17 @@ cap setting and seed, and the unconstrained twin once per seed (the twin does no
 caps), then writes ``tradeoff.json`` and ``tradeoff.png`` (validation accuracy against the
 certified bound: one dot per run, the mean per setting, the twins' mean and spread as a band).
 
-Each run is one demo's worth of CPU (~70 s of one core for the constrained model, ~35 s for a
-twin), so the full grid (4 settings × 3 seeds + 3 twins) is ~15 CPU-minutes.
+Each run is one demo's worth of CPU: a constrained run alone took 68-83 s of user CPU (one
+thread, load 4-8 on 2 cores), a whole demo (both models) 97 s, so the full grid (4 settings ×
+3 seeds + 3 twins) is ~17 CPU-minutes.
 
     python benchmarks/lipschitz_tradeoff.py --out /tmp/tradeoff             # the grid
     python benchmarks/lipschitz_tradeoff.py --settings default --seeds 0     # one point
     python benchmarks/lipschitz_tradeoff.py --plot-only /tmp/tradeoff        # re-plot saved runs
     python benchmarks/lipschitz_tradeoff.py --collect run1/ run2/ --out /tmp/t  # plot demo runs' metrics.json
-    python benchmarks/lipschitz_tradeoff.py --collect benchmarks/results/lipschitz_tradeoff/* \
-        --min-seeds 3 --out docs/img                                       # the figure of docs/lipschitz.md
+    R=benchmarks/results/lipschitz_tradeoff   # docs/lipschitz.md's figure (/tmp/t/tradeoff.png) and table:
+    python benchmarks/lipschitz_tradeoff.py --collect $R/*_seed* --min-seeds 3 --out /tmp/t \
+        --twins-from $R/earlier_code/default_seed1 $R/earlier_code/softcap_noball_seed2
 
 Every run also leaves the demo's own output directory (``<setting>_seed<N>/metrics.json``), so
 runs made separately (``--no-twin`` for settings whose seeds already have a twin, or plain
@@ -81,16 +83,21 @@ def _label(config: dict) -> str:
     return f"{method}, {ball}; {caps}"
 
 
-def collect(dirs: list[str]) -> dict:
-    """Runs of ``fx-spectral demo`` (their ``metrics.json``), labelled by method, ball and caps."""
+def collect(dirs: list[str], twin_dirs: list[str] = ()) -> dict:
+    """Runs of ``fx-spectral demo`` (their ``metrics.json``), labelled by method, ball and caps;
+    from ``twin_dirs`` only the twins are taken (the twin does not depend on the constrained
+    model's settings or on the constraint code, so runs made with other settings or an earlier
+    version of the library supply it)."""
     results: dict = {"steps": None, "runs": []}
-    for d in dirs:
+    for d in [*dirs, *twin_dirs]:
         metrics = json.loads((Path(d) / "metrics.json").read_text())
         config = metrics["config"]
         if results["steps"] not in (None, config["steps"]):
             raise ValueError(f"{d}: {config['steps']} steps, the others {results['steps']}")
         results["steps"] = config["steps"]
         for name, m in metrics["models"].items():
+            if d in twin_dirs and name != "twin":
+                continue
             setting = "twin" if name == "twin" else _label(config)
             results["runs"].append(
                 {"setting": setting, "seed": config["seed"], "source": str(d)}
@@ -198,7 +205,11 @@ def plot(results: dict, path: Path, min_seeds: int = 1) -> None:
     if len(rows) > 1:
         ax.plot([r["bound"][0] for r in rows], [r["acc"][0] for r in rows], color="k", lw=0.8, alpha=0.5)
     if bounds and max(bounds) > 3 * min(bounds):
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
     elif bounds:
         ax.set_xlim(0, 1.1 * max(bounds))
     ax.set(
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="./lipschitz_tradeoff")
     p.add_argument("--plot-only", metavar="DIR", help="re-plot DIR/tradeoff.json")
     p.add_argument("--collect", nargs="+", metavar="RUN", help="plot these demo output directories instead")
+    p.add_argument("--twins-from", nargs="+", default=[], metavar="RUN", help="--collect: take only the twins of RUN")
     p.add_argument("--no-twin", action="store_true", help="grid: no twin (the seeds' twins come from other runs)")
     p.add_argument("--min-seeds", type=int, default=1, help="plot and tabulate settings with at least this many seeds")
     args = p.parse_args(argv)
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        results = collect(args.collect)
+        results = collect(args.collect, args.twins_from)
         (out / "tradeoff.json").write_text(json.dumps(results, indent=2))
     elif args.plot_only:
         out = Path(args.plot_only)
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         results = run_grid(args.settings, args.seeds, args.steps, out, twin=not args.no_twin)
     plot(results, out / "tradeoff.png", args.min_seeds)
-    print(table(summarize(results, args.min_seeds)))
+    print(table(sorted(summarize(results, args.min_seeds), key=lambda r: r["bound"][0])))
     print(f"wrote {out / 'tradeoff.json'} and {out / 'tradeoff.png'}")
     return 0
 
