@@ -5,9 +5,9 @@ cap setting and seed, and the unconstrained twin once per seed (the twin does no
 caps), then writes ``tradeoff.json`` and ``tradeoff.png`` (validation accuracy against the
 certified bound: one dot per run, the mean per setting, the twins' mean and spread as a band).
 
-Each run is one demo's worth of CPU: a constrained run alone took 68-83 s of user CPU (one
-thread, load 4-8 on 2 cores), a whole demo (both models) 97 s, so the full grid (4 settings ×
-3 seeds + 3 twins) is ~17 CPU-minutes.
+Each run is one demo's worth of CPU: a constrained run alone took 63-83 s of user CPU (one
+thread, load 3.5-10.6 on 2 cores), a whole demo (both models) 97 s, so the full grid (4 settings
+× 3 seeds + 3 twins) is ~15-17 CPU-minutes.
 
     python benchmarks/lipschitz_tradeoff.py --out /tmp/tradeoff             # the grid
     python benchmarks/lipschitz_tradeoff.py --settings default --seeds 0     # one point
