@@ -6,7 +6,7 @@ caps), then writes ``tradeoff.json`` and ``tradeoff.png`` (validation accuracy a
 certified bound: one dot per run, the mean per setting, the twins' mean and spread as a band).
 
 Each run is one demo's worth of CPU: a constrained run alone took 63-83 s of user CPU (one
-thread, load 3.5-10.6 on 2 cores), a whole demo (both models) 97 s, so the full grid (4 settings
+thread, load 3.5-10.6 on 2 cores), a whole demo (both models) 97-100 s, so the full grid (4 settings
 × 3 seeds + 3 twins) is ~15-17 CPU-minutes.
 
     python benchmarks/lipschitz_tradeoff.py --out /tmp/tradeoff             # the grid
