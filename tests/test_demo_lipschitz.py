@@ -1,5 +1,6 @@
 """A quick run of the Lipschitz-transformer demo: outputs written, caps respected, bound certified."""
 
+import dataclasses
 import json
 import math
 
@@ -158,3 +159,53 @@ def test_bad_config():
         demo.DemoConfig(steps=0)
     with pytest.raises(ValueError, match="DemoConfig.w_max"):
         demo.DemoConfig(w_max=-1.0)
+
+
+def test_tradeoff_collect_labels_settings_and_tabulates_gaps(result, tmp_path):
+    """benchmarks/lipschitz_tradeoff.py --collect: runs named by the setting their caps match, the
+    gap taken per seed against that seed's twin, disagreeing repeats of a run refused."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lipschitz_tradeoff.py"
+    spec = importlib.util.spec_from_file_location("lipschitz_tradeoff", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    _, out, _ = result
+    base = json.loads((out / "metrics.json").read_text())
+    dirs = []
+    for seed, (acc, twin_acc) in enumerate([(0.50, 0.56), (0.52, 0.57)]):
+        m = json.loads(json.dumps(base))
+        m["config"] = dataclasses.asdict(demo.DemoConfig(seed=seed)) | bench.SETTINGS["mid"]
+        m["models"]["constrained"].update(val_accuracy=acc, lipschitz_bound=5.0 + seed)
+        m["models"]["twin"]["val_accuracy"] = twin_acc
+        d = tmp_path / f"mid{seed}"
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(m))
+        dirs.append(d)
+    other = json.loads(json.dumps(base))  # the fixture's own caps: no setting's, labelled by method and caps
+    other["config"]["steps"] = 400
+    del other["models"]["twin"]  # a --no-twin run
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.json").write_text(json.dumps(other))
+
+    results = bench.collect([*dirs, dirs[0], tmp_path / "other"])  # an identical repeat is kept once
+    settings = [(r["setting"], r["seed"]) for r in results["runs"]]
+    assert settings.count(("mid", 0)) == 1 and ("twin", 1) in settings
+    assert any(s.startswith("hard_cap/eigh, ball; V/O 1.0") for s, _ in settings)
+    rows = bench.summarize(results, min_seeds=2)
+    assert [r["setting"] for r in rows] == ["mid"]  # the other run has one seed
+    (row,) = rows
+    assert row["acc"] == pytest.approx((51.0, 50.0, 52.0))
+    assert row["gap"] == pytest.approx((5.5, 5.0, 6.0))  # per seed: 56 - 50, 57 - 52
+    assert row["bound"] == pytest.approx((5.5, 5.0, 6.0))
+    assert "| mid | 0,1 | 51.00 (50.00-52.00) |" in bench.table(rows)
+    bench.plot(results, tmp_path / "t.png", min_seeds=2)
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+    m = json.loads((dirs[1] / "metrics.json").read_text())
+    m["config"]["seed"] = 0  # same setting and seed as dirs[0], another accuracy
+    (dirs[1] / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="different results"):
+        bench.collect(dirs)
