@@ -11,6 +11,15 @@ Two families of networks are covered:
 Every spectral norm is exact (``torch.linalg.matrix_norm(ord=2)``, float64), not a power-iteration
 estimate, so the result is a certificate, not an estimate.
 
+Relation to :func:`fx_spectral.certify`: ``certify(model, example_input)`` is the general tool (any
+graph it can trace: convolutions as operators, BatchNorm, pooling, residuals, ...; it needs an
+example input for the shapes). This module is the shortcut that needs no input: for a Sequential
+of Linears and activations it gives the same l2 -> l2 bound as ``certify`` (the same exact norms
+and activation slopes, to ~1e-9 relative), and it is the transformer-specific bound that
+``certify`` itself uses as the leaf for a :class:`~fx_spectral.models.LipschitzTransformer`.
+Convolutions are refused here, because their operator norm depends on the input size: use
+``certify``.
+
 Attention is only Lipschitz on bounded inputs, so the transformer bound holds on the set of inputs
 whose tokens all have ``||x_i||_2 <= r`` (``r = embed_max_norm``: ``nn.Embedding(max_norm=r)``
 guarantees it for real tokens). With ``a = 1/(2L)``, for a head ``h`` with row blocks
@@ -191,6 +200,10 @@ def lipschitz_bound(model: nn.Module, *, input_radius: float | None = None) -> f
     largest per-token l2 norm, ``||X|| = max_i ||x_i||_2``, on embedded inputs with every
     ``||x_i||_2 <= input_radius`` (the module docstring has the attention bound). Valid in eval
     mode (Dropout counted as the identity).
+
+    This is the no-input shortcut; :func:`fx_spectral.certify` (which needs an example input) is
+    the general certificate and agrees with it on Sequential / Linear models (exact norms on both
+    sides, to ~1e-9 relative). For convolutions, residual nets or BatchNorm use ``certify``.
 
     Args:
         model: ``nn.Sequential`` / ``nn.Linear`` / ``LipschitzTransformer``.

@@ -218,3 +218,18 @@ def test_config_errors():
         LipschitzTransformerConfig(vocab_size=5, dim=8, n_heads=2, embed_max_norm=0.0)
     with pytest.raises(ValueError, match="vocab_size"):
         LipschitzTransformerConfig(vocab_size=0)
+
+
+def test_lipschitz_bound_agrees_with_certify_on_mlp():
+    # the no-input shortcut and the general graph certificate give the same l2 -> l2 bound
+    from fx_spectral import certify
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Tanh()), nn.Linear(16, 3)
+    ).eval()
+    ref = math.prod(float(torch.linalg.matrix_norm(m.weight.detach().double(), ord=2)) for m in net.modules()
+                    if isinstance(m, nn.Linear))
+    got, cert = lipschitz_bound(net), certify(net, torch.randn(4, 6)).bound
+    assert got == pytest.approx(ref, rel=1e-12)
+    assert cert == pytest.approx(got, rel=1e-6)
