@@ -73,3 +73,12 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
 def module_snapshot():
     """``(snapshot, assert_same_snapshot)``: take a snapshot, later assert nothing changed."""
     return snapshot, assert_same_snapshot
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many tiny ops (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -8,18 +8,12 @@ import math
 import sys
 
 import pytest
-import torch
 
 from fx_spectral import cli
 from fx_spectral.demos import certify as demo
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# many tiny ops: a second intra-op thread only adds synchronisation (and crawls on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

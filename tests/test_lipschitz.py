@@ -9,14 +9,8 @@ from torch import nn
 from fx_spectral.lipschitz import _attention_factors, lipschitz_bound, lipschitz_terms, rms_operator_norms
 from fx_spectral.models import LipschitzTransformer, LipschitzTransformerConfig, ScaledGELU, ball_project
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny float64 problems: a second intra-op thread only adds synchronisation
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# many tiny ops: a second intra-op thread only adds synchronisation (and crawls on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _token_norm(z: torch.Tensor) -> torch.Tensor:

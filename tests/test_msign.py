@@ -17,13 +17,8 @@ from fx_spectral.constrain import constrain
 from fx_spectral.methods import HardCap
 from fx_spectral.msign import MSIGN_RANGE, msign, msign_clip, polar_express_coefficients
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# many tiny ops: a second intra-op thread only adds synchronisation (and crawls on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _matrix(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -13,14 +13,8 @@ from torch import nn
 from fx_spectral import operator_norm, spectral_norm
 from fx_spectral.operator_norm import conv_operator_norm, conv_upper_bound, padding_map_norm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # many tiny float64 ops: a second intra-op thread only adds synchronisation on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# many tiny ops: a second intra-op thread only adds synchronisation (and crawls on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_norm(module: nn.Module, shape) -> float:
