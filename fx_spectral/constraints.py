@@ -34,6 +34,8 @@ import math
 import torch
 from torch import Tensor
 
+from fx_spectral.matrices import addmm, check_matrix
+
 __all__ = [
     "power_iterate",
     "spectral_normalize",
@@ -94,15 +96,6 @@ def hard_cap_polynomial(sigma, w_max: float = 1.0):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_matrix(W: Tensor, op: str) -> None:
-    if not isinstance(W, Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor of shape (..., m, n), got {type(W).__name__}")
-    if W.ndim < 2:
-        raise ValueError(f"{op}: expected a matrix or a batch of matrices (..., m, n), got shape {tuple(W.shape)}")
-    if not W.is_floating_point():
-        raise TypeError(f"{op}: expected a floating-point tensor, got dtype {W.dtype}")
-
-
 def _compute(W: Tensor, dtype: torch.dtype | None) -> Tensor:
     return W if dtype is None or dtype == W.dtype else W.to(dtype)
 
@@ -117,13 +110,6 @@ def _wide(X: Tensor) -> tuple[Tensor, bool]:
 def _flat3(X: Tensor) -> Tensor:
     # (..., m, n) -> (B, m, n); a 2-D input stays 2-D (addmm beats baddbmm on one matrix).
     return X if X.ndim <= 3 else X.reshape(-1, *X.shape[-2:])
-
-
-def _addmm(inp: Tensor, m1: Tensor, m2: Tensor, *, beta: float, alpha: float) -> Tensor:
-    # beta * inp + alpha * m1 @ m2 in one fused kernel, for one matrix or a 3-D batch.
-    if inp.ndim == 2:
-        return torch.addmm(inp, m1, m2, beta=beta, alpha=alpha)
-    return torch.baddbmm(inp, m1, m2, beta=beta, alpha=alpha)
 
 
 def _gram(X: Tensor) -> Tensor:
@@ -149,13 +135,13 @@ def _odd_poly_(
         Xm = X.to(matmul_dtype) if low else X
         A = _gram(Xm)
         if low:
-            P = A @ Xm if c == 0 else _addmm(A, A, A, beta=b, alpha=c) @ Xm
+            P = A @ Xm if c == 0 else addmm(A, A, A, beta=b, alpha=c) @ Xm
             # (type promotion: the low-precision product is added to X in X's dtype, no extra pass)
             X = torch.add(X * a if a != 1 else X, P, alpha=b if c == 0 else 1.0)
         elif c == 0:  # a X + b (X Xᵀ) X: two products per step (the soft cap)
-            X = _addmm(X, A, X, beta=a, alpha=b)
+            X = addmm(X, A, X, beta=a, alpha=b)
         else:  # a X + (b A + c A²) X: three products per step
-            X = _addmm(X, _addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
+            X = addmm(X, addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
     if transposed:
         X = X.mT
     return X.reshape(shape)
@@ -233,7 +219,7 @@ def power_iterate(
         >>> u, sigma, v = power_iterate(W, n_iter=30)
         >>> u, sigma, v = power_iterate(W, u=u, v=v)  # warm start: 1 iteration
     """
-    _check_matrix(W, "power_iterate")
+    check_matrix(W, "power_iterate")
     if dtype is None:
         dtype = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
     Wc = _compute(W, dtype)
@@ -299,7 +285,7 @@ def spectral_normalize(
 
         >>> Y = spectral_normalize(torch.randn(3, 16, 8), w_max=2.0, n_iter=30)
     """
-    _check_matrix(W, "spectral_normalize")
+    check_matrix(W, "spectral_normalize")
     _, sigma, _ = _estimate(W, estimate, n_iter, generator, "spectral_normalize")
     X = _compute(W, dtype)
     factor = torch.clamp_min(sigma.to(X.dtype) / w_max, 1.0)
@@ -325,7 +311,7 @@ def spectral_hammer(
 
         >>> Y = spectral_hammer(torch.randn(16, 8), w_max=1.0, n_iter=50)
     """
-    _check_matrix(W, "spectral_hammer")
+    check_matrix(W, "spectral_hammer")
     u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_hammer")
     X = _compute(W, dtype)
     change = (w_max - sigma).to(X.dtype)[..., None, None]
@@ -347,7 +333,7 @@ def spectral_weight_decay(
 
         >>> Y = spectral_weight_decay(torch.randn(16, 8), wd=0.1, n_iter=50)
     """
-    _check_matrix(W, "spectral_weight_decay")
+    check_matrix(W, "spectral_weight_decay")
     if not 0.0 <= wd <= 1.0:
         raise ValueError(f"spectral_weight_decay: wd must be in [0, 1], got {wd}")
     u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_weight_decay")
@@ -396,7 +382,7 @@ def soft_cap(
         >>> alpha = soft_cap_coupling(w_max=1.0, wd=0.0, max_update_norm=0.05)
         >>> Y = soft_cap(torch.randn(64, 64) / 16, alpha)
     """
-    _check_matrix(W, "soft_cap")
+    check_matrix(W, "soft_cap")
     alpha = float(alpha)
     if alpha < 0 or not math.isfinite(alpha):
         raise ValueError(f"soft_cap: alpha must be a finite number >= 0, got {alpha}")
@@ -443,7 +429,7 @@ def hard_cap(
         >>> Y = hard_cap(torch.randn(32, 64) / 4)
         >>> Y = hard_cap(torch.randn(8, 32, 64), w_max=2.0, exact=True)
     """
-    _check_matrix(W, "hard_cap")
+    check_matrix(W, "hard_cap")
     if not w_max > 0:
         raise ValueError(f"hard_cap: w_max must be > 0, got {w_max}")
     if mode not in HARD_CAP_MODES:
@@ -527,7 +513,7 @@ def pure_svd(W: Tensor, w_max: float = 1.0, *, dtype: torch.dtype | None = None)
 
         >>> Y = pure_svd(torch.randn(16, 8), w_max=1.0)
     """
-    _check_matrix(W, "pure_svd")
+    check_matrix(W, "pure_svd")
     if not w_max > 0:
         raise ValueError(f"pure_svd: w_max must be > 0, got {w_max}")
     X = _compute(W, dtype)
@@ -557,7 +543,7 @@ def orthogonalize(
 
         >>> O = orthogonalize(torch.randn(4, 32, 64))
     """
-    _check_matrix(W, "orthogonalize")
+    check_matrix(W, "orthogonalize")
     X = _compute(W, dtype)
     if exact:
         sdtype = torch.float64 if X.dtype == torch.float64 else torch.float32

@@ -49,6 +49,8 @@ import functools
 import torch
 from torch import Tensor
 
+from fx_spectral.matrices import addmm, check_matrix
+
 __all__ = ["MSIGN_STEPS", "MSIGN_RANGE", "msign", "msign_clip", "polar_express_coefficients"]
 
 #: Default number of iteration steps (for both msign(M) and msign(MMᵀ − I)).
@@ -149,27 +151,11 @@ def polar_express_coefficients(
 # --------------------------------------------------------------------------------------------
 
 
-def _check(W: Tensor, op: str) -> None:
-    if not isinstance(W, Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor of shape (..., m, n), got {type(W).__name__}")
-    if W.ndim < 2:
-        raise ValueError(f"{op}: expected a matrix or a batch of matrices (..., m, n), got shape {tuple(W.shape)}")
-    if not W.is_floating_point():
-        raise TypeError(f"{op}: expected a floating-point tensor, got dtype {W.dtype}")
-
-
-def _mm_add(base: Tensor, m1: Tensor, m2: Tensor, *, beta: float, alpha: float) -> Tensor:
-    # beta * base + alpha * m1 @ m2 in one fused kernel (one matrix or a 3-D batch)
-    if base.ndim == 2:
-        return torch.addmm(base, m1, m2, beta=beta, alpha=alpha)
-    return torch.baddbmm(base, m1, m2, beta=beta, alpha=alpha)
-
-
 def _quintic_steps(X: Tensor, coefficients) -> Tensor:
     """``X ← a X + (b A + c A²) X`` with ``A = X Xᵀ`` per step (``X``: ``(B, m, n)``, ``m ≤ n``)."""
     for a, b, c in coefficients:
         A = X @ X.mT
-        X = _mm_add(X, _mm_add(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
+        X = addmm(X, addmm(A, A, A, beta=b, alpha=c), X, beta=a, alpha=1.0)
     return X
 
 
@@ -178,7 +164,7 @@ def _symmetric_sign(B: Tensor, coefficients) -> Tensor:
     Y = B
     for a, b, c in coefficients:
         Y2 = Y @ Y
-        Y = _mm_add(Y, _mm_add(Y2, Y2, Y2, beta=b, alpha=c), Y, beta=a, alpha=1.0)
+        Y = addmm(Y, addmm(Y2, Y2, Y2, beta=b, alpha=c), Y, beta=a, alpha=1.0)
         Y = 0.5 * (Y + Y.mT)
     return Y
 
@@ -229,7 +215,7 @@ def msign(W: Tensor, *, steps: int = MSIGN_STEPS, dtype: torch.dtype | None = No
 
         >>> O = msign(torch.randn(4, 64, 32))
     """
-    _check(W, "msign")
+    check_matrix(W, "msign")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"msign: steps must be an int >= 1, got {steps!r}")
     X = W if dtype is None else W.to(dtype)
@@ -287,7 +273,7 @@ def msign_clip(
         >>> W = torch.randn(8, 256, 128) / 6
         >>> Y = msign_clip(W, w_max=1.0)
     """
-    _check(W, "msign_clip")
+    check_matrix(W, "msign_clip")
     if isinstance(w_max, bool) or not (isinstance(w_max, (int, float)) and 0 < w_max < float("inf")):
         raise ValueError(f"msign_clip: w_max must be a finite float > 0, got {w_max!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "errors.py": 0,
     "models.py": 0,
     "msign.py": 0,
+    "matrices.py": 0,
     "constraints.py": 1,
     "methods.py": 1,
     "nn.py": 1,
