@@ -1,7 +1,8 @@
 r"""Eager spectral normalization: a faster, more complete ``torch.nn.utils.parametrizations.spectral_norm``.
 
-This file is self-contained (torch and the standard library only) so it can be copied alone into
-another project. The rest of fx_spectral builds on its math (:func:`normalize_weight`).
+It needs torch, the standard library and :mod:`fx_spectral.kinds` (the table of weight kinds: which
+modules are Linear / Conv / ConvTranspose, their ``dim`` and matrix view). The rest of fx_spectral
+builds on its math (:func:`normalize_weight`).
 
 .. math::
     \bar W = \frac{W}{\sigma(W)}, \qquad
@@ -40,6 +41,18 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedTensorMixin, is_lazy
 from torch.nn.utils import parametrize
 
+from fx_spectral.kinds import (
+    CONV,
+    CONV_T_FN,
+    CONV_TRANSPOSE,
+    LINEAR,
+    MODULE_TYPES,
+    default_dim,
+    kind_of,
+    stock_kind,
+    weight_matrix,
+)
+
 __all__ = [
     "spectral_norm",
     "remove_spectral_norm",
@@ -63,11 +76,12 @@ N_WARMUP_ITERATIONS = 16
 # power iteration converges far slower than on the small reshaped kernel; one-example convs are cheap.
 N_OPERATOR_WARMUP_ITERATIONS = 100
 
-_LINEAR = (nn.Linear,)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-#: Module types :func:`apply_spectral_norm` normalizes (their Lazy variants subclass these).
-SUPPORTED_MODULES: tuple[type[nn.Module], ...] = _LINEAR + _CONV + _CONV_T
+_LINEAR = LINEAR.module_types
+_CONV = CONV.module_types
+_CONV_T = CONV_TRANSPOSE.module_types
+#: Module types :func:`apply_spectral_norm` normalizes (their Lazy variants subclass these): the
+#: default-selected kinds of :mod:`fx_spectral.kinds`.
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = MODULE_TYPES
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,16 +89,7 @@ SUPPORTED_MODULES: tuple[type[nn.Module], ...] = _LINEAR + _CONV + _CONV_T
 # --------------------------------------------------------------------------------------------
 
 
-def default_dim(module: nn.Module) -> int:
-    """The output dimension of ``module``'s weight: 1 for ConvTranspose (``(in, out/groups, *k)``), else 0."""
-    return 1 if isinstance(module, _CONV_T) else 0
-
-
-def weight_matrix(weight: Tensor, dim: int = 0) -> Tensor:
-    """View ``weight`` as a matrix: move ``dim`` to the front and flatten the rest (a view when possible)."""
-    if dim != 0:
-        weight = weight.movedim(dim, 0)
-    return weight.flatten(1)
+# default_dim(module) and weight_matrix(weight, dim) come from fx_spectral.kinds (re-exported here).
 
 
 def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -351,7 +356,7 @@ def _conv_forward(self, input: Tensor) -> Tensor:
     return self._conv_forward(input, _sn_weight(self, "weight"), self.bias)
 
 
-_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_T_FN = CONV_T_FN  # spatial dims -> F.conv_transpose{d}d (the kinds table)
 
 
 def _conv_transpose_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
@@ -741,11 +746,8 @@ def _param_property(name: str) -> property:
 
 def _fast_forward(base: type[nn.Module]) -> Callable | None:
     """The fused forward for an unmodified Linear / Conv / ConvTranspose class, else None."""
-    for family, fwd in ((_LINEAR, _linear_forward), (_CONV, _conv_forward), (_CONV_T, _conv_transpose_forward)):
-        for cls in family:
-            if issubclass(base, cls) and base.forward is cls.forward:
-                return fwd
-    return None
+    fused = {LINEAR: _linear_forward, CONV: _conv_forward, CONV_TRANSPOSE: _conv_transpose_forward}
+    return fused.get(stock_kind(base))
 
 
 def _rebuild(base: type[nn.Module], names: tuple[str, ...], operator: bool = False) -> nn.Module:
@@ -898,14 +900,15 @@ def _check_mode(mode: str, where: str) -> None:
 def _operator_config(module: nn.Module, name: str, dim: int | None, input_shape, where: str) -> str:
     """Validate operator mode for ``module``; return the effective mode ("matrix" for Linear)."""
     kind = type(module).__name__
-    if isinstance(module, _LINEAR):
+    wkind = kind_of(module)
+    if wkind is LINEAR:
         # A Linear's operator is its weight matrix: operator mode is matrix mode.
         if input_shape is not None and (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 1
                                         or (module.in_features and tuple(input_shape) != (module.in_features,))):
             raise ValueError(f"{where}: input_shape of {kind} must be (in_features,) = ({module.in_features},), "
                              f"got {input_shape!r}")
         return "matrix"
-    if not isinstance(module, _CONV + _CONV_T) or _fast_forward(_base_class(module)) is None:
+    if wkind is None or wkind.operator_norm != "conv" or _fast_forward(_base_class(module)) is None:
         raise ValueError(
             f"{where}: mode='operator' needs a Linear, Conv1-3d or ConvTranspose1-3d (or Lazy variant) with the "
             f"stock forward, got {kind}; use mode='matrix' or skip it (apply_spectral_norm's filter_fn)"
@@ -967,7 +970,8 @@ def _param_config(
             f"{where}: {kind} already has an attribute {taken[0]!r}, where the power-iteration vector goes"
         )
     if is_lazy(param):
-        if not (isinstance(module, SUPPORTED_MODULES) and isinstance(module, LazyModuleMixin) and name == "weight"):
+        deferrable = getattr(kind_of(module), "lazy_deferrable", False)
+        if not (deferrable and isinstance(module, LazyModuleMixin) and name == "weight"):
             raise ValueError(
                 f"{where}: parameter {name!r} of {kind} is uninitialized and its shape cannot be checked; "
                 "run one forward first (only the weight of the Lazy Linear/Conv/ConvTranspose modules can be deferred)"
@@ -1169,7 +1173,8 @@ def apply_spectral_norm(
     # calling out_proj: normalizing it here would change nothing, so say so instead.
     read_by_parent = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for fqn, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_MODULES) or (filter_fn is not None and not filter_fn(module, fqn)):
+        wkind = kind_of(module)
+        if wkind is None or not wkind.default_selected or (filter_fn is not None and not filter_fn(module, fqn)):
             continue
         if id(module) in read_by_parent:
             warnings.warn(

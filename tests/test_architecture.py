@@ -25,6 +25,7 @@ DOC = ROOT / "docs" / "architecture.md"
 #: sharded math, bounds · 3 constrain handle, certificates · 4 integrations, demos, CLI, package face.
 LAYERS: dict[str, int] = {
     "errors.py": 0,
+    "kinds.py": 0,
     "models.py": 0,
     "msign.py": 0,
     "matrices.py": 0,

@@ -1,6 +1,7 @@
 """The graph side of fx_spectral: the FX pass, :func:`transform`, :func:`bake` and the rewrite primitive.
 
-- :mod:`fx_spectral.graph.ops`: op tables (which ops take a weight, at which argument, its ``dim``).
+- :mod:`fx_spectral.graph.ops`: op tables (which ops take a weight, at which argument, its ``dim``),
+  re-exported from :mod:`fx_spectral.kinds`.
 - :mod:`fx_spectral.graph.rewrite`: :func:`insert_normalization` / :func:`find_weight_uses`, the
   primitive shared by the transform and the torch.compile backend.
 - :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs)

@@ -15,7 +15,8 @@ with, matched by identity against the modules it can reach:
 3. the root modules seen at compile time (held weakly).
 
 Each root's ``named_modules()`` maps ``id(parameter) -> (module, fqn, name)``; a parameter held by
-several modules (tied embedding and LM head) goes to the Linear / Conv / ConvTranspose among them.
+several modules (tied embedding and LM head) goes to the owner of highest ``owner_priority`` in
+the kinds table (:mod:`fx_spectral.kinds`): the Linear / Conv / ConvTranspose among them.
 The search runs only when a graph meets Parameter objects it has not seen; the result is cached by
 the caller (:mod:`fx_spectral.graph.compiled`) and validated at every call with one dict lookup per
 weight (``module._parameters[name] is param``).

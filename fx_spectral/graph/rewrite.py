@@ -28,12 +28,11 @@ import functools
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch.fx import Graph, Node
 
-from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS, is_aten_op, weight_arg, weight_dim, weight_op
+from fx_spectral.kinds import WEIGHT_OPS, is_aten_op, stock_kind, weight_arg, weight_dim, weight_op
 
 __all__ = [
     "NORMALIZED_META", "SUBGRAPH_HOPS", "insert_normalization", "find_weight_uses", "find_weight_uses_nested",
@@ -439,28 +438,20 @@ def rewrite_weight(
 # call_module leaves -> functional calls with get_attr weights
 # --------------------------------------------------------------------------------------------
 
-_CONV_FN = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
-_CONV_T_FN = {1: torch.conv_transpose1d, 2: torch.conv_transpose2d, 3: torch.conv_transpose3d}
-
-
-def _stock_family(module: nn.Module) -> type[nn.Module] | None:
-    """The torch class among MODULE_TYPES whose unmodified forward ``module`` uses, else None."""
-    for cls in MODULE_TYPES:
-        if isinstance(module, cls) and type(module).forward is cls.forward:
-            return cls
-    return None
-
-
 def lowering_blocker(module: nn.Module, node: Node) -> str | None:
     """Why the ``call_module`` ``node`` of ``module`` cannot become a functional call (None if it can)."""
-    if _stock_family(module) is None:
+    kind = stock_kind(module)
+    if kind is None:
         return f"{type(module).__name__} overrides forward"
+    if kind.lower is None:
+        return f"the graph pass does not lower {type(module).__name__} ({kind.name} kind)"
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(recurse=False)):
         return "it is a Lazy module that has not run yet"
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "it is parametrized (torch.nn.utils.parametrize)"
-    if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.padding_mode != "zeros":
-        return f"{type(module).__name__} only supports padding_mode='zeros'"
+    reason = kind.lowering_blocker(module)
+    if reason is not None:
+        return reason
     n_inputs = len(node.args) + len(node.kwargs)
     if n_inputs != 1:
         return "it is called with more than its input (e.g. ConvTranspose's output_size)"
@@ -491,25 +482,14 @@ def lower_module_call(gm: nn.Module, node: Node, graph: Graph | None = None) -> 
         raise ValueError(f"lower_module_call: cannot lower {node.target!r} ({type(module).__name__}): {reason}")
     graph = gm.graph if graph is None else graph
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-    family = _stock_family(module)
+    lowered = stock_kind(module).lower(module)
     with graph.inserting_before(node):
         w = _get_attr_before(graph, f"{node.target}.weight", node)
         b = _get_attr_before(graph, f"{node.target}.bias", node) if module.bias is not None else None
-        if family is nn.Linear:
-            target, args = F.linear, (x, w, b)
-        elif issubclass(family, nn.modules.conv._ConvTransposeNd):
-            n = len(module.kernel_size)
-            target = _CONV_T_FN[n]
-            args = (x, w, b, module.stride, module.padding, module.output_padding, module.groups, module.dilation)
-        else:
-            n = len(module.kernel_size)
-            padding = module.padding
-            if module.padding_mode != "zeros":
-                x = graph.call_function(
-                    F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode}
-                )
-                padding = (0,) * n
-            target, args = _CONV_FN[n], (x, w, b, module.stride, padding, module.dilation, module.groups)
+        if lowered.pre is not None:
+            fn, pre_args, pre_kwargs = lowered.pre
+            x = graph.call_function(fn, (x, *pre_args), dict(pre_kwargs))
+        target, args = lowered.op, (x, w, b, *lowered.args)
     # NB: the node itself becomes the call_function (keeps its name, users and meta).
     node.op, node.target = "call_function", target
     node.args, node.kwargs = args, {}
