@@ -15,6 +15,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from fx_spectral import certify_rules as R
+from fx_spectral.kinds import CONV_TRANSPOSE, kind_of
 from fx_spectral.models import Attention, Block, LipschitzTransformer
 from fx_spectral.operator_norm import SVD_MARGIN, conv_upper_bound, effective_weight
 
@@ -187,11 +188,12 @@ class _Ctx:
         if isinstance(m, (Attention, Block, LipschitzTransformer)):
             raise _Err(f"{type(m).__name__} is only Lipschitz on bounded inputs; certify the whole "
                        "LipschitzTransformer (its embedding bounds every token), not a model that contains it")
-        if isinstance(m, nn.Linear):
-            w = effective_weight(m, n.target).to(torch.float64)
+        kind = kind_of(m)
+        if kind is not None and kind.operator_norm == "matrix":  # Linear
+            w = kind.matrix(effective_weight(m, n.target), kind.dim).to(torch.float64)
             return self.unary(n, typ, _matrix_norm(w), "exact spectral norm of the weight")
-        if isinstance(m, nn.modules.conv._ConvNd):
-            transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+        if kind is not None and kind.operator_norm == "conv":
+            transposed = kind is CONV_TRANSPOSE
             out = self.out_shape(n)
             op = _output_padding(m.stride, m.padding, m.dilation, m.kernel_size, in_shape, out) if transposed else 0
             up, method, _ = conv_upper_bound(

@@ -36,6 +36,7 @@ from torch.nn.parameter import is_lazy
 from fx_spectral import constraints as C
 from fx_spectral import methods as _methods
 from fx_spectral.errors import ProjectionError, projection_error
+from fx_spectral.kinds import default_dim, default_selected, module_rms_scale, weight_matrix
 from fx_spectral.methods import *  # noqa: F403  (the method configs and METHODS: re-exported, see __all__)
 from fx_spectral.methods import (
     HardCap,
@@ -50,7 +51,6 @@ from fx_spectral.methods import (
     project_matrix,
     registration,
 )
-from fx_spectral.nn import SUPPORTED_MODULES, default_dim, weight_matrix
 
 __all__ = [  # plus fx_spectral.methods' public names (every registered method config, METHODS, ...)
     "constrain",
@@ -145,10 +145,23 @@ def _owners(model: nn.Module) -> dict[int, tuple[str, list[tuple[str, nn.Module]
 
 
 def _default_selected(owners_of_p: list) -> bool:
-    return all(
-        pname == "weight" and isinstance(mod, SUPPORTED_MODULES) and mod_name.rsplit(".", 1)[-1] not in HEAD_NAMES
-        for mod_name, mod, pname in owners_of_p
-    )
+    return default_selected(owners_of_p, HEAD_NAMES)
+
+
+def default_names(model: nn.Module) -> list[str]:
+    """The parameter FQNs ``constrain(model, optimizer)`` selects when ``include`` is not given.
+
+    A parameter is selected if every module holding it is of a default-selected kind
+    (:mod:`fx_spectral.kinds`: Linear, Conv1-3d, ConvTranspose1-3d and their Lazy variants), holds it
+    as ``weight`` and is not named like an output head (:data:`HEAD_NAMES`). In ``named_parameters`` order.
+
+    Example::
+
+        >>> default_names(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)))
+        ['0.weight', '2.weight']
+    """
+    owners = _owners(model)
+    return [fqn for fqn, p in model.named_parameters() if _default_selected(owners[id(p)][1])]
 
 
 def _patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:
@@ -214,8 +227,9 @@ def _matrices(t: Target, split) -> Iterable[tuple[str | None, Tensor, Callable[[
         )  # NB: in place
 
 
-def _scale(matrix: Tensor) -> float:
-    return (matrix.shape[0] / matrix.shape[1]) ** 0.5
+def _scale(matrix: Tensor, module: nn.Module | None = None) -> float:
+    # s = sqrt(fan_out / fan_in) of the matrix view: the kind's RMS -> RMS scale (fx_spectral.kinds).
+    return module_rms_scale(module, matrix.shape[0], matrix.shape[1])
 
 
 def _is_dtensor(p: Tensor) -> bool:
@@ -406,7 +420,7 @@ class Constraint:
                 raise self._failure(t.name(key), when, "it holds NaN or inf")
         writes: list[Callable[[], None]] = []
         for t, key, matrix, write_back in pieces:
-            scale = _scale(matrix)
+            scale = _scale(matrix, t.module)
             held: list[tuple[Tensor, Tensor]] = []
             ctx = self.context(t, key, scale)
             ctx.put_vectors = lambda u, v, held=held: held.append((u, v))  # written in phase (3)
@@ -496,7 +510,7 @@ class Constraint:
                     gen = torch.Generator(device=m.device).manual_seed(zlib.crc32(t.name(key).encode()))
                     # (a private generator: reporting never moves the global RNG)
                     raw = float(C.power_iterate(m, 2 if prev is not None else None, u=u, v=v, generator=gen)[1])
-                scale = _scale(m)
+                scale = _scale(m, t.module)
                 out[t.name(key)] = {"sigma": raw / scale, "sigma_raw": raw, "w_max": t.w_max[key], "scale": scale}
         if activations:
             for name, value in self._act.items():

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fx_spectral.errors import projection_error
+from fx_spectral.kinds import module_rms_scale
 
 __all__ = [
     "ShardedMatrix",
@@ -620,7 +621,7 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
                 sigmas[i] = s
         bad = []
         for (t, key, mat), (u, v, _), sigma in zip(entries, starts, sigmas):
-            scale = (mat.shape[0] / mat.shape[1]) ** 0.5
+            scale = module_rms_scale(t.module, mat.shape[0], mat.shape[1])
             est = (u, sigma / scale, v)
             w_max = t.w_max[key]
             dtype = u.dtype
@@ -642,7 +643,7 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
 
     fns = []
     for t, key, mat in entries:
-        scale = (mat.shape[0] / mat.shape[1]) ** 0.5
+        scale = module_rms_scale(t.module, mat.shape[0], mat.shape[1])
         fns.append(lambda X, t=t, key=key, scale=scale: full_op(X, t, key, scale))
     blocks = apply_full_(mats, fns, write=False)
     bad = [b is not None and not _finite(b) for b in blocks]
@@ -662,7 +663,7 @@ def report_dtensors(handle, targets: Sequence, *, exact: bool = True) -> dict[st
     for t in targets:
         keys, mats = _layouts(handle, t)
         for key, mat in zip(keys, mats):
-            scale = (mat.shape[0] / mat.shape[1]) ** 0.5
+            scale = module_rms_scale(t.module, mat.shape[0], mat.shape[1])
             if exact:
                 full = full_matrix(mat, torch.float64 if t.param.dtype == torch.float64 else torch.float32)
                 raw = float(torch.linalg.matrix_norm(full, ord=2))

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fx_spectral.kinds import kind_of
 from fx_spectral.models import GELU_LIPSCHITZ, Attention, LipschitzTransformer, ScaledGELU
 
 __all__ = ["LipschitzTerm", "lipschitz_bound", "lipschitz_terms", "rms_operator_norms"]
@@ -108,11 +109,12 @@ def _sequential_terms(seq: nn.Sequential, prefix: str) -> list[LipschitzTerm]:
     terms: list[LipschitzTerm] = []
     for name, child in seq.named_children():
         path = f"{prefix}{name}"
+        kind = kind_of(child)
         if isinstance(child, nn.Sequential):
             terms += _sequential_terms(child, path + ".")
-        elif isinstance(child, nn.Linear):
-            terms.append(LipschitzTerm(path, float(_sigma(child.weight))))
-        elif isinstance(child, (nn.modules.conv._ConvNd,)):
+        elif kind is not None and kind.operator_norm == "matrix":  # Linear: the exact norm of its matrix
+            terms.append(LipschitzTerm(path, float(_sigma(kind.matrix(child.weight, kind.dim)))))
+        elif kind is not None and kind.operator_norm == "conv":
             raise TypeError(
                 f"lipschitz_bound: {path} is a {type(child).__name__}; the norm of its reshaped weight "
                 "matrix is not the operator norm of the convolution, so no certificate "
@@ -225,7 +227,8 @@ def rms_operator_norms(model: nn.Module) -> dict[str, float]:
     weight, keyed by parameter FQN (``"layers.0.attn.wq.weight"``)."""
     out: dict[str, float] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            fan_out, fan_in = mod.weight.shape
-            out[f"{name}.weight" if name else "weight"] = float(_sigma(mod.weight)) * math.sqrt(fan_in / fan_out)
+        kind = kind_of(mod)
+        if kind is not None and kind.operator_norm == "matrix":  # Linear
+            w = kind.matrix(mod.weight, kind.dim)
+            out[f"{name}.weight" if name else "weight"] = float(_sigma(w)) / kind.rms_scale(*w.shape)
     return out

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from fx_spectral.kinds import CONV_FN, CONV_T_FN, CONV_TRANSPOSE, kind_of
 from fx_spectral.nn import is_spectral_normalized, spectral_sigma
 
 __all__ = [
@@ -75,8 +76,8 @@ __all__ = [
 SVD_MARGIN = 1e-9
 #: How many valid cyclic grid sizes the zero-padding bound tries (the smallest and the next ones).
 GRID_TRIES = 4
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_FN = CONV_FN  # spatial dims -> F.conv{d}d (the kinds table)
+_CONV_T_FN = CONV_T_FN  # spatial dims -> F.conv_transpose{d}d
 
 
 @dataclass(frozen=True)
@@ -571,8 +572,9 @@ def operator_norm(
         >>> r.lower, r.upper, r.method           # e.g. (1.071, 1.083, 'dense')
     """
     where = type(module).__name__
-    if isinstance(module, nn.Linear):
-        w = effective_weight(module, where).to(torch.float64)
+    kind = kind_of(module)
+    if kind is not None and kind.operator_norm == "matrix":  # Linear: its matrix view is the operator
+        w = kind.matrix(effective_weight(module, where), kind.dim).to(torch.float64)
         shape = tuple(int(i) for i in input_shape)
         if not shape or shape[-1] != w.shape[1]:
             raise ValueError(f"{where}: expected input_shape (..., in_features={w.shape[1]}), got {shape}")
@@ -580,8 +582,8 @@ def operator_norm(
         lower = float(torch.linalg.vector_norm(w @ vh[0])) if s.numel() else 0.0
         upper = float(s[0]) * (1 + SVD_MARGIN) if s.numel() else 0.0
         return OperatorNorm(min(lower, upper), upper, "exact-svd", 0, shape, (*shape[:-1], w.shape[0]))
-    if isinstance(module, (nn.modules.conv._ConvNd)):
-        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    if kind is not None and kind.operator_norm == "conv":
+        transposed = kind is CONV_TRANSPOSE
         w = effective_weight(module, where)
         return conv_operator_norm(
             w, input_shape, stride=module.stride, padding=module.padding, dilation=module.dilation,

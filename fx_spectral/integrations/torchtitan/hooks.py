@@ -243,23 +243,10 @@ def attach(
 
 
 def _default_names(model: nn.Module) -> list[str]:
-    # constrain's default selection, spelled out (needed when the head is added to it).
-    from fx_spectral.constrain import HEAD_NAMES
-    from fx_spectral.nn import SUPPORTED_MODULES
+    # constrain's default selection (needed when the head is added to it): the same function.
+    from fx_spectral.constrain import default_names
 
-    owners: dict[int, list[tuple[str, nn.Module]]] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((mod_name, mod, pname))
-    out = []
-    for fqn, p in model.named_parameters():
-        if all(
-            pn == "weight" and isinstance(m, SUPPORTED_MODULES) and mn.rsplit(".", 1)[-1] not in HEAD_NAMES
-            for mn, m, pn in owners[id(p)]
-        ):
-            out.append(fqn)
-    return out
+    return default_names(model)
 
 
 def _candidate_names(model: nn.Module, include, exclude, split) -> list[str]:
