@@ -237,7 +237,8 @@ EMBEDDING = WeightKind(
     lower=None,
     doc=(
         "nn.Embedding (num_embeddings, embedding_dim). Eager spectral_norm normalizes it as torch does "
-        "(dim 0, sigma = ||W||_2), which bounds every looked-up row: ||W[i]||_2 <= sigma. Its input is an "
+        "(dim 0: sigma estimates ||W||_2 from below), and ||W||_2 bounds every looked-up row: "
+        "||W[i]||_2 <= ||W||_2. Its input is an "
         "index, not a vector, so it has no l2 -> l2 operator norm (operator_norm None: bounds refuse it); "
         "rms_scale keeps the matrix-view rule sqrt(rows / cols) (torch's fan convention for this layout), "
         "which is what an explicit constrain(include=...) of an embedding uses. Not selected by default and "
