@@ -286,7 +286,7 @@ def check_uv(owner: nn.Module, name: str, weight: Tensor, dim: int, where: str) 
     rows = shape.pop(dim)
     cols = math.prod(shape)
     have = [owner._buffers.get(name + k) for k in ("_u", "_v")]
-    if have == [None, None]:
+    if all(t is None for t in have):
         for k in ("_u", "_v"):
             if hasattr(owner, name + k):
                 raise ValueError(
@@ -307,17 +307,14 @@ def check_uv(owner: nn.Module, name: str, weight: Tensor, dim: int, where: str) 
     return action
 
 
-def ensure_uv(
-    owner: nn.Module, name: str, weight: Tensor, dim: int, eps: float, where: str, *,
-    checked: UVAction | None = None,
-) -> UVAction:
+def ensure_uv(owner: nn.Module, name: str, weight: Tensor, dim: int, eps: float, where: str) -> UVAction:
     """Give ``owner`` float32 u/v buffers ``{name}_u`` / ``{name}_v`` for ``weight``: the one u/v helper.
 
     Missing: created by :func:`init_uv` (registered buffers: part of ``state_dict()`` from now on).
     Existing and fitting: reused. Fitting but of another floating dtype: cast back to float32.
     Anything else: ``ValueError`` (see :func:`check_uv`), and nothing is changed. To validate several
-    weights before changing any, call :func:`check_uv` on all of them first and pass each result as
-    ``checked``.
+    weights before changing any, call :func:`check_uv` on all of them first, then this on each (a
+    weight listed twice is then created once, and kept the second time).
 
     Args:
         owner: the module that holds (or will hold) the buffers.
@@ -326,7 +323,6 @@ def ensure_uv(
         dim: the output dim of ``weight`` (first in the matrix view).
         eps: see :func:`init_uv`.
         where: the module path and parameter name for messages (e.g. ``"spectral backend: fc.weight"``).
-        checked: the result of an earlier :func:`check_uv` for the same arguments (skips the check).
 
     Returns:
         What was done: ``"create"``, ``"recast"`` or ``"keep"``.
@@ -340,7 +336,7 @@ def ensure_uv(
         >>> ensure_uv(fc, "weight", fc.weight, 0, 1e-12, "fc.weight"), fc.weight_u.dtype
         ('recast', torch.float32)
     """
-    action = check_uv(owner, name, weight, dim, where) if checked is None else checked
+    action = check_uv(owner, name, weight, dim, where)
     if action == "recast":
         for k in (name + "_u", name + "_v"):
             # NB: replaces the converted buffers in owner._buffers by float32 copies.
