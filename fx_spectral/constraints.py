@@ -34,6 +34,7 @@ import math
 import torch
 from torch import Tensor
 
+from fx_spectral import power as P
 from fx_spectral.matrices import addmm, check_matrix
 
 __all__ = [
@@ -68,7 +69,7 @@ except ImportError:  # pragma: no cover - older/newer torch layouts
 #: Newton–Schulz quintic coefficients (a, b, c) used by :func:`orthogonalize` (torch.optim.Muon's).
 NS_COEFFICIENTS: tuple[float, float, float] = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
 
-_DEFAULT_FRESH_ITERATIONS = 15  # a fresh random vector gets this many, as torch's spectral_norm
+_DEFAULT_FRESH_ITERATIONS = P.N_WARMUP  # a fresh random vector gets this many, as torch's spectral_norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,13 +153,9 @@ def _outer(u: Tensor, v: Tensor) -> Tensor:
 
 
 def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> Tensor:
-    # t / ||t|| per matrix, or the old vector where ||t|| <= eps (a zero weight never gives NaN).
-    # The norm is taken of t / max|t|, so entries near the float range (|t|² overflowing) still
-    # normalize: ||t|| itself may be inf, which only matters for the comparison with eps.
-    peak = t.abs().amax(-1, keepdim=True)
-    unit = t / torch.where(peak > 0, peak, torch.ones_like(peak))
-    norm_unit = torch.linalg.vector_norm(unit, dim=-1, keepdim=True)
-    return torch.where(peak * norm_unit > eps, unit / norm_unit.clamp_min(1e-30), old)
+    # t / ||t|| per matrix, or the old vector where ||t|| <= eps (a zero weight never gives NaN):
+    # power.normalize_or_keep's overflow-safe rule (entries near the float range still normalize).
+    return P.normalize_or_keep(t, old, eps, overflow_safe=True)[0]
 
 
 def _fro(X: Tensor) -> Tensor:
@@ -220,8 +217,7 @@ def power_iterate(
         >>> u, sigma, v = power_iterate(W, u=u, v=v)  # warm start: 1 iteration
     """
     check_matrix(W, "power_iterate")
-    if dtype is None:
-        dtype = torch.float32 if W.dtype in (torch.float16, torch.bfloat16) else W.dtype
+    dtype = P.compute_dtype(W.dtype, dtype)
     Wc = _compute(W, dtype)
     X = Wc.detach()
     batch, (m, n) = X.shape[:-2], X.shape[-2:]
@@ -231,24 +227,21 @@ def power_iterate(
     if n_iter < 0:
         raise ValueError(f"power_iterate: n_iter must be >= 0, got {n_iter}")
     with torch.no_grad():
+        if u is not None:
+            u = u.to(device=X.device, dtype=dtype).expand(*batch, m)
         if v is not None:
             v = v.to(device=X.device, dtype=dtype).expand(*batch, n)
         elif u is not None:
-            u0 = u.to(device=X.device, dtype=dtype).expand(*batch, m)
-            v = _normalize_or_keep(_mv(X.mT, u0), torch.full_like(X[..., 0, :], n**-0.5), eps)
-        else:
-            v = torch.randn(*batch, n, dtype=dtype, device=X.device, generator=generator)
-            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-        u = (
-            torch.zeros(*batch, m, dtype=dtype, device=X.device)
-            if u is None
-            else u.to(X.device, dtype).expand(*batch, m)
-        )
+            v = _normalize_or_keep(_mv(X.mT, u), torch.full_like(X[..., 0, :], n**-0.5), eps)
+        else:  # u = 0 (replaced by the first step), v a random unit vector
+            u, v = P.fresh_start(m, n, dtype=dtype, device=X.device, batch=batch, generator=generator)
+        if u is None:
+            u = torch.zeros(*batch, m, dtype=dtype, device=X.device)
         if n_iter == 0:
             u = _normalize_or_keep(_mv(X, v), u, eps)
-        for _ in range(n_iter):
-            u = _normalize_or_keep(_mv(X, v), u, eps)
-            v = _normalize_or_keep(_mv(X.mT, u), v, eps)
+        # power.iterate with the batched products (the same loop as the eager API's, overflow-safe)
+        Xt = X.mT
+        u, v, _ = P.iterate(lambda x: _mv(X, x), lambda x: _mv(Xt, x), u, v, n_iter, eps, overflow_safe=True)
         u, v = u.clone(), v.clone()
     sigma = (u * _mv(Wc, v)).sum(-1)
     return u, sigma, v

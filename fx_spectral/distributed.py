@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fx_spectral import power as P
 from fx_spectral.errors import projection_error
 from fx_spectral.kinds import module_rms_scale
 
@@ -284,8 +285,8 @@ def assign_owners(mats: Sequence[ShardedMatrix]) -> None:
 
 
 def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    norm = torch.linalg.vector_norm(t)
-    return torch.where(norm > eps, t / norm.clamp_min(eps), old), norm
+    # power.normalize_or_keep's plain rule on a full (replicated) vector.
+    return P.normalize_or_keep(t, old, eps)
 
 
 def _groups_of(mats: Sequence[ShardedMatrix]) -> dict[int, list[int]]:
@@ -524,19 +525,13 @@ def _layouts(handle, t) -> tuple[list[str | None], list[ShardedMatrix]]:
 
 
 def _start_vectors(handle, t, key, mat: ShardedMatrix, dtype, device):
+    # (u, v, extra steps): the stored vectors, or a fresh start seeded by the weight's name, exactly
+    # as the single-process path (methods._estimate): the one rule, power.start_vectors.
     import zlib
 
-    from fx_spectral import methods as K
-
     m, n = mat.shape
-    prev = handle.vectors.get(t, key)
-    if prev is not None and prev[0].shape[-1] == m and prev[1].shape[-1] == n:
-        return prev[0].to(device, dtype).clone(), prev[1].to(device, dtype).clone(), False
-    # A fresh start exactly as the single-process path (methods._estimate → power_iterate).
-    gen = torch.Generator(device=device).manual_seed(zlib.crc32(t.name(key).encode()))
-    v = torch.randn(n, dtype=dtype, device=device, generator=gen)
-    v = v / torch.linalg.vector_norm(v)
-    return torch.zeros(m, dtype=dtype, device=device), v, K.N_WARMUP_ITERATIONS
+    seed = zlib.crc32(t.name(key).encode())
+    return P.start_vectors(handle.vectors.get(t, key), m, n, seed, dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -602,7 +597,7 @@ def prepare_dtensors(handle, targets: Sequence, method, *, when: str = "in proje
         op = reg.rank_one_op
         starts = []
         for t, key, mat in entries:
-            dtype = K._compute_dtype(method, t.param.dtype)
+            dtype = P.compute_dtype(t.param.dtype, method.dtype)
             starts.append(_start_vectors(handle, t, key, mat, dtype, mat.local.device))
         # Fresh and warm vectors need different iteration counts: one batched call per count.
         by_count: dict[int, list[int]] = {}

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from fx_spectral import constraints as C
+from fx_spectral import power as P
 
-N_WARMUP_ITERATIONS = 15  # a fresh u/v gets these before the per-step iterations (as spectral_norm)
+N_WARMUP_ITERATIONS = P.N_WARMUP  # a fresh u/v gets these before the per-step iterations (as spectral_norm)
 MUON_SAFETY = 1.02  # on top of the exact Newton–Schulz peak: covers Muon's bf16 rounding (measured 1.0003)
 
 
@@ -386,9 +387,7 @@ class ProjectionContext:
 
 
 def _compute_dtype(cfg: _Method, dtype: torch.dtype) -> torch.dtype:
-    if cfg.dtype is not None:
-        return cfg.dtype
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return P.compute_dtype(dtype, cfg.dtype)
 
 
 def project_matrix(matrix: Tensor, cfg: _Method, ctx: ProjectionContext, *, scale: float) -> Tensor:
@@ -427,12 +426,10 @@ def _estimate(X: Tensor, n_iter: int, ctx: ProjectionContext, exact: bool = Fals
         u, sigma, v = _top_triple(X)
         ctx.put_vectors(u, v)
         return u, sigma, v
-    prev = ctx.get_vectors()
-    if prev is None or prev[0].shape[-1] != X.shape[0] or prev[1].shape[-1] != X.shape[1]:
-        gen = torch.Generator(device=X.device).manual_seed(ctx.seed)
-        u, sigma, v = C.power_iterate(X, N_WARMUP_ITERATIONS + n_iter, generator=gen)
-    else:
-        u, sigma, v = C.power_iterate(X, n_iter, u=prev[0], v=prev[1])
+    # The stored vectors if they fit, else a fresh start seeded by the weight's name (+ N_WARMUP steps).
+    m, n = X.shape
+    u0, v0, extra = P.start_vectors(ctx.get_vectors(), m, n, ctx.seed, dtype=P.compute_dtype(X.dtype), device=X.device)
+    u, sigma, v = C.power_iterate(X, extra + n_iter, u=u0, v=v0)
     ctx.put_vectors(u, v)
     return u, sigma, v
 

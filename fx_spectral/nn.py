@@ -1,8 +1,9 @@
 r"""Eager spectral normalization: a faster, more complete ``torch.nn.utils.parametrizations.spectral_norm``.
 
-It needs torch, the standard library and :mod:`fx_spectral.kinds` (the table of weight kinds: which
-modules are Linear / Conv / ConvTranspose, their ``dim`` and matrix view). The rest of fx_spectral
-builds on its math (:func:`normalize_weight`).
+It needs torch, the standard library, :mod:`fx_spectral.kinds` (the table of weight kinds: which
+modules are Linear / Conv / ConvTranspose, their ``dim`` and matrix view) and :mod:`fx_spectral.power`
+(the power iteration, its constants and the u/v rule). The rest of fx_spectral builds on its math
+(:func:`normalize_weight`).
 
 .. math::
     \bar W = \frac{W}{\sigma(W)}, \qquad
@@ -41,6 +42,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, UninitializedTensorMixin, is_lazy
 from torch.nn.utils import parametrize
 
+from fx_spectral import power as P
 from fx_spectral.kinds import (
     CONV,
     CONV_T_FN,
@@ -71,7 +73,7 @@ __all__ = [
 
 # torch runs 15 in _SpectralNorm.__init__ plus one more when register_parametrization checks the
 # parametrization with a training forward: 16 gives torch's initial u/v for the same RNG state.
-N_WARMUP_ITERATIONS = 16
+N_WARMUP_ITERATIONS = P.N_INIT
 # Operator mode: a conv's top singular values lie close together (neighbouring frequencies), so the
 # power iteration converges far slower than on the small reshaped kernel; one-example convs are cheap.
 N_OPERATOR_WARMUP_ITERATIONS = 100
@@ -93,10 +95,9 @@ SUPPORTED_MODULES: tuple[type[nn.Module], ...] = MODULE_TYPES
 
 
 def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    # (t / ||t||, ||t||), or the old vector where ||t|| <= eps: a zero weight must not zero u/v for
-    # good (they would stay zero once the weight grows, and sigma with them).
-    norm = torch.linalg.vector_norm(t)
-    return torch.where(norm > eps, t / norm, old), norm
+    # (t / ||t||, ||t||) over the whole tensor (an operator-mode u/v is shaped like an example), or
+    # the old vector where ||t|| <= eps: power.normalize_or_keep's plain rule.
+    return P.normalize_or_keep(t, old, eps, dim=None)
 
 
 @torch.no_grad()
@@ -104,10 +105,7 @@ def _power_iteration(
     w_mat: Tensor, u_buf: Tensor, v_buf: Tensor, n_iter: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     # Returns fresh (u, v, ||W^T u||) in w_mat's dtype; the last norm is sigma = u^T W v.
-    u, v = u_buf.to(w_mat.dtype), v_buf.to(w_mat.dtype)
-    for _ in range(n_iter):
-        u, _ = _normalize_or_keep(torch.mv(w_mat, v), u, eps)
-        v, norm = _normalize_or_keep(torch.mv(w_mat.t(), u), v, eps)
+    u, v, norm = P.iterate(w_mat, None, u_buf.to(w_mat.dtype), v_buf.to(w_mat.dtype), n_iter, eps)
     # NB: the float32 buffers are updated in place.
     if _functorch_active():
         # torch.func refuses copy_ into a captured tensor; an out= op is allowed (torch's own way).
@@ -131,7 +129,7 @@ def power_iteration_(w_mat: Tensor, u: Tensor, v: Tensor, n_iter: int, eps: floa
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 for fp16/bf16/fp32 weights; float64 weights keep float64 (gradcheck, science).
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return P.compute_dtype(dtype)
 
 
 def normalize_weight(
@@ -258,14 +256,8 @@ def _sigma_with_grad(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: i
     return s - s.detach() + sigma
 
 
-@torch.no_grad()
-def _init_uv(weight: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
-    w_mat = weight_matrix(weight.detach().float(), dim)
-    h, w = w_mat.shape
-    u = F.normalize(w_mat.new_empty(h).normal_(0, 1), dim=0, eps=eps)
-    v = F.normalize(w_mat.new_empty(w).normal_(0, 1), dim=0, eps=eps)
-    power_iteration_(w_mat, u, v, N_WARMUP_ITERATIONS, eps)
-    return u, v
+# Fresh float32 u/v: random unit vectors + N_WARMUP_ITERATIONS steps (torch's u/v for the same RNG state).
+_init_uv = P.init_uv
 
 
 # --------------------------------------------------------------------------------------------
@@ -1009,11 +1001,11 @@ def _attach(module: nn.Module, configs: dict[str, _SNParam], input_shape=None) -
         weight = module._parameters[name]
         if is_lazy(weight) or cfg.mode == "operator":
             # operator mode: u/v are shaped like one input/output example, known at the first forward.
-            u, v = _LazyUV(dtype=torch.float32), _LazyUV(dtype=torch.float32)
+            module.register_buffer(name + "_u", _LazyUV(dtype=torch.float32))
+            module.register_buffer(name + "_v", _LazyUV(dtype=torch.float32))
         else:
-            u, v = _init_uv(weight, cfg.dim, cfg.eps)
-        module.register_buffer(name + "_u", u)
-        module.register_buffer(name + "_v", v)
+            # _param_config refused any existing {name}_u/_v: this creates them (the rule all ways in share).
+            P.ensure_uv(module, name, weight, cfg.dim, cfg.eps, cfg.where)
         params[name] = cfg
     module.__dict__["_sn_params"] = params
     _swap_class(module)

@@ -33,6 +33,8 @@ from types import FrameType
 import torch
 from torch import nn
 
+from fx_spectral import power as P
+
 __all__ = ["ensure_uv", "find_owners", "remember_roots", "wanted"]
 
 _MAX_FRAMES = 200
@@ -134,39 +136,17 @@ def ensure_uv(todo: list[tuple[nn.Module, str, str, int, torch.Tensor]], eps: fl
     eager API); reuse existing ones. Validates everything before registering anything.
 
     Existing u/v of another floating dtype (after ``model.double()``) are converted back to float32.
+    The rule is :func:`fx_spectral.power.ensure_uv`, shared with the eager API and the transform.
     """
-    from fx_spectral.nn import _init_uv, weight_matrix
+    def where(fqn: str, name: str) -> str:
+        return f"spectral backend: {fqn}.{name}" if fqn else f"spectral backend: {name}"
 
-    create, recast = [], []
+    for module, fqn, name, dim, weight in todo:  # all checked before any is changed
+        P.check_uv(module, name, weight, dim, where(fqn, name))
     for module, fqn, name, dim, weight in todo:
-        where = f"{fqn}.{name}" if fqn else name
-        rows, cols = weight_matrix(weight.detach(), dim).shape
-        have = [module._buffers.get(name + k) for k in ("_u", "_v")]
-        if have == [None, None]:
-            for k in ("_u", "_v"):
-                if hasattr(module, name + k):
-                    raise ValueError(
-                        f"spectral backend: {where}: cannot add buffer {name + k!r}: "
-                        "the module already has an attribute of that name"
-                    )
-            create.append((module, name, dim, weight))
-            continue
-        for t, n, k in zip(have, (rows, cols), ("_u", "_v")):
-            if not (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and tuple(t.shape) == (n,)):
-                got = "missing" if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
-                raise ValueError(f"spectral backend: {where}{k} must be a float32 vector of length {n}, got {got}")
-            if t.dtype != torch.float32:
-                recast.append((module, name + k))
-    for module, key in recast:
-        # NB: model.to(dtype) / .half() also converted u/v (plain modules do not protect them as the
-        # eager API's do): put them back in float32, in place of the converted buffers.
-        module._buffers[key] = module._buffers[key].float()
-    with torch.inference_mode(False):  # a first call under inference_mode must not create inference tensors
-        for module, name, dim, weight in create:
-            u, v = _init_uv(weight, dim, eps)
-            # NB: registers {name}_u / {name}_v on the owning module: part of model.state_dict() from now on.
-            module.register_buffer(name + "_u", u)
-            module.register_buffer(name + "_v", v)
+        # NB: registers (or casts back to float32) {name}_u / {name}_v on the owning module: part of
+        # model.state_dict() from now on. model.to(dtype) / .half() also converts them on plain modules.
+        P.ensure_uv(module, name, weight, dim, eps, where(fqn, name))
 
 
 def wanted(config, module: nn.Module, fqn: str, name: str) -> bool:

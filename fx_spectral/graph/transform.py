@@ -26,6 +26,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _forward_from_src
 
 from fx_spectral import nn as sn
+from fx_spectral import power as P
 from fx_spectral.graph.operator import (
     CONV_T_TYPES,
     CONV_TYPES,
@@ -422,17 +423,10 @@ def _example_shapes(model: nn.Module, graph: Graph, example_inputs) -> dict[str,
 
 
 def _check_existing_uv(owner: nn.Module, attr: str, weight: torch.Tensor, dim: int, where: str) -> None:
-    rows = weight.shape[dim]
-    cols = weight.numel() // rows
-    u, v = owner._buffers.get(attr + "_u"), owner._buffers.get(attr + "_v")
-    if u is None and v is None:
-        return
-    if u is None or v is None or u.shape != (rows,) or v.shape != (cols,) or u.dtype != torch.float32:
-        shapes = [None if t is None else (tuple(t.shape), t.dtype) for t in (u, v)]
-        raise ValueError(
-            f"transform: {where}_u / {where}_v exist as {shapes}; expected float32 vectors of "
-            f"length {rows} and {cols} (remove them, or load a matching checkpoint after transform)"
-        )
+    # The u/v rule every way in shares (power.check_uv): none yet, or float32-able vectors of the
+    # matrix view's lengths (another float dtype is cast back at _commit); anything else raises here,
+    # while nothing has been changed yet.
+    P.check_uv(owner, attr, weight, dim, f"transform: {where}")
 
 
 def _commit(root: nn.Module, plan: tuple[_Weight, ...], deferred: list[nn.Module], cfg: SpectralConfig) -> None:
@@ -440,12 +434,14 @@ def _commit(root: nn.Module, plan: tuple[_Weight, ...], deferred: list[nn.Module
     # NB: mutates the model's modules: float32 buffers {attr}_u / {attr}_v on each owner.
     for w in plan:
         owner = root.get_submodule(w.owner)
+        if w.spec is None:
+            # reuse (the same model transformed twice, or a loaded checkpoint), cast back to float32
+            # (after model.double() / .half()), or create: power.ensure_uv, checked in _plan already.
+            P.ensure_uv(owner, w.attr, getattr(owner, w.attr), w.dim, w.eps, f"transform: {w.target}")
+            continue
         if w.attr + "_u" in owner._buffers:
             continue  # reuse: the same model transformed twice, or a loaded checkpoint
-        if w.spec is not None:
-            u, v = sn.operator_init_uv(getattr(owner, w.attr), w.spec, w.in_shape, w.eps)
-        else:
-            u, v = sn._init_uv(getattr(owner, w.attr), w.dim, w.eps)
+        u, v = sn.operator_init_uv(getattr(owner, w.attr), w.spec, w.in_shape, w.eps)
         owner.register_buffer(w.attr + "_u", u)
         owner.register_buffer(w.attr + "_v", v)
     for module in deferred:
