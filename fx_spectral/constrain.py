@@ -35,18 +35,16 @@ from torch.nn.parameter import is_lazy
 
 from fx_spectral import constraints as C
 from fx_spectral import methods as _methods
+from fx_spectral.coupling import decay, is_muon_group, muon_update_norm
 from fx_spectral.errors import ProjectionError, projection_error
 from fx_spectral.methods import *  # noqa: F403  (the method configs and METHODS: re-exported, see __all__)
 from fx_spectral.methods import (
     HardCap,
+    Method,
     ProjectionContext,
     SoftCap,
     SpectralNormalize,
-    _decay,
-    _is_muon_group,
-    _Method,
-    _method_config,
-    muon_update_norm,
+    method_config,
     project_matrix,
     registration,
 )
@@ -65,7 +63,7 @@ __all__ = [  # plus fx_spectral.methods' public names (every registered method c
 HEAD_NAMES = frozenset({"lm_head", "head", "output"})
 
 
-def initial_projection_method(method: _Method) -> _Method | None:
+def initial_projection_method(method: Method) -> Method | None:
     """The exact projection into the ball that ``constrain(..., initial_projection=True)`` applies.
 
     Read from the method's registration (:func:`fx_spectral.methods.register`). Rank-one methods
@@ -350,11 +348,11 @@ class Constraint:
         coupling (update norm in RMS→RMS units, for the matrix's ``scale``), decoupled decay, its
         persistent vectors (read and written through :attr:`vectors`) and its seed."""
         group = t.group
-        muon = _is_muon_group(group)
+        muon = is_muon_group(group)
         update = muon_update_norm(group, t.param.shape) / scale if muon else None
         return ProjectionContext(
             w_max=t.w_max[key],
-            decay=_decay(group),
+            decay=decay(group),
             update_norm=update,
             get_vectors=lambda: self.vectors.get(t, key),
             put_vectors=lambda u, v: self.vectors.put(t, key, u, v),
@@ -384,7 +382,7 @@ class Constraint:
 
     @torch.no_grad()
     def _project_all(
-        self, method: _Method, only_stepped: bool, when: str = "in project()", store_vectors: bool = True
+        self, method: Method, only_stepped: bool, when: str = "in project()", store_vectors: bool = True
     ) -> None:
         """Project every (stepped) target, all or nothing.
 
@@ -435,11 +433,11 @@ class Constraint:
     def _failure(self, name: str, when: str, why: str) -> ProjectionError:
         return projection_error(name, self.method, when, why)
 
-    def project(self, method: str | _Method | None = None, **options) -> Constraint:
+    def project(self, method: str | Method | None = None, **options) -> Constraint:
         """Project every selected weight now (e.g. once before training), with this handle's method
         or another one (``handle.project("pure_svd")`` puts weights inside the ball exactly).
         NB: modifies the weights in place. Returns the handle."""
-        cfg = self.method if method is None and not options else _method_config(method or self.method, options)
+        cfg = self.method if method is None and not options else method_config(method or self.method, options)
         self._project_all(cfg, only_stepped=False)
         return self
 
@@ -516,7 +514,7 @@ class Constraint:
 def constrain(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    method: str | _Method,
+    method: str | Method,
     *,
     w_max: float | Mapping[str, float] = 1.0,
     include: str | Iterable[str] | None = None,
@@ -592,7 +590,7 @@ def constrain(
         raise TypeError(f"constrain: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"constrain: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    cfg = _method_config(method, options)
+    cfg = method_config(method, options)
     _check_w_max(w_max)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"constrain: filter_fn must be callable(module, fqn) -> bool, got {filter_fn!r}")
@@ -655,7 +653,7 @@ def constrain(
                     raise ValueError(f"constrain: split({fqn!r}) view {key!r} must be a tensor with >= 2 dims")
         for key in views if views is not None else [None]:
             t.w_max[key] = _resolve_w_max(w_max, t.name(key), fqn)
-        if isinstance(cfg, SoftCap) and cfg.alpha is None and cfg.max_update_norm is None and not _is_muon_group(group):
+        if isinstance(cfg, SoftCap) and cfg.alpha is None and cfg.max_update_norm is None and not is_muon_group(group):
             raise ValueError(
                 f"constrain: soft_cap with alpha=None couples alpha to the optimizer's max update norm, known "
                 f"for torch.optim.Muon only; {type(opt).__name__} updates {fqn!r}: pass max_update_norm= "

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "models.py": 0,
     "msign.py": 0,
     "matrices.py": 0,
+    "coupling.py": 0,
     "constraints.py": 1,
     "methods.py": 1,
     "nn.py": 1,
