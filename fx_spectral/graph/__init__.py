@@ -3,18 +3,30 @@
 - :mod:`fx_spectral.graph.ops`: op tables (which ops take a weight, at which argument, its ``dim``).
 - :mod:`fx_spectral.graph.rewrite`: :func:`insert_normalization` / :func:`find_weight_uses`, the
   primitive shared by the transform and the torch.compile backend.
-- :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs)
-  and :func:`spectral_pass` (the in-place, one-graph pass for exported graphs).
+- :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
+  its :class:`TransformConfig`, and :func:`spectral_pass` (the in-place, one-graph pass for
+  exported graphs).
 - :mod:`fx_spectral.graph.bake`: :func:`bake` (fold 1/sigma into the weights for deployment).
+- :mod:`fx_spectral.graph.backend`: the torch.compile backend ``"spectral"`` and its
+  :class:`BackendConfig` (``fx_spectral.graph.BackendConfig`` loads the backend module on first use).
+
+``SpectralConfig`` and ``SpectralBackendConfig`` are the old names of :class:`TransformConfig` and
+:class:`BackendConfig`: they still work for one release and warn (DeprecationWarning). The
+TorchTitan integration's ``SpectralConfig`` (its ``--spectral.*`` section) is another class and
+keeps its name.
 """
+
+import importlib as _importlib
+import warnings as _warnings
 
 from fx_spectral.graph.bake import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
-from fx_spectral.graph.transform import SpectralConfig, SpectralGraphModule, spectral_pass, transform
+from fx_spectral.graph.transform import SpectralGraphModule, TransformConfig, spectral_pass, transform
 
 __all__ = [
-    "SpectralConfig",
+    "BackendConfig",
     "SpectralGraphModule",
+    "TransformConfig",
     "bake",
     "find_weight_uses",
     "insert_normalization",
@@ -23,3 +35,20 @@ __all__ = [
     "spectral_pass",
     "transform",
 ]
+
+#: old name -> new name (both in this package); the old ones warn.
+_RENAMED = {"SpectralConfig": "TransformConfig", "SpectralBackendConfig": "BackendConfig"}
+
+
+def __getattr__(name: str):
+    if name == "BackendConfig":  # lazily: the backend module imports dynamo's machinery
+        return _importlib.import_module("fx_spectral.graph.backend").BackendConfig
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        _warnings.warn(
+            f"fx_spectral.graph.{name} is deprecated: use fx_spectral.graph.{new} (the same class)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return __getattr__(new) if new == "BackendConfig" else globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
