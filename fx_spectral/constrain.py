@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -511,6 +512,36 @@ class Constraint:
 # --------------------------------------------------------------------------------------------
 
 
+def _filter_keeps(filter_fn: Callable, module: nn.Module, module_fqn: str, param_fqn: str, changes: list) -> bool:
+    """``filter_fn``'s answer for one parameter, during the move of its second argument to the module fqn.
+
+    The answer for the parameter fqn (the old meaning) is the one used; the module-fqn answer is
+    only compared with it. Where they differ, or the module spelling raises (a filter that parses
+    parameter paths), ``param_fqn`` (with both answers) is appended to ``changes`` (NB: mutated in
+    place) for :func:`_warn_filter_changes`.
+    """
+    keep = bool(filter_fn(module, param_fqn))
+    try:
+        new = repr(bool(filter_fn(module, module_fqn)))
+    except Exception as e:  # only the old spelling's answer counts this release
+        new = f"raises {type(e).__name__}"
+    if new != repr(keep):
+        changes.append(f"{param_fqn!r} (with {param_fqn!r}: {keep}, with module {module_fqn!r}: {new})")
+    return keep
+
+
+def _warn_filter_changes(changes: list[str]) -> None:
+    shown = "; ".join(changes[:5]) + (f"; … ({len(changes)} in all)" if len(changes) > 5 else "")
+    warnings.warn(
+        "constrain: filter_fn's second argument becomes the owning module's fqn, as in apply_spectral_norm, "
+        f"transform and the backend (it was the parameter's fqn); your filter_fn answers differently for: {shown}. "
+        "The parameter-fqn answer is used in this release. Make filter_fn give the same answer for both "
+        "spellings (test the module path), or select parameters by name with include= / exclude=",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 def constrain(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -550,7 +581,11 @@ def constrain(
             ``weight`` of every Linear / Conv / ConvTranspose (incl. eager spectral-normalized
             ones), except modules named ``lm_head``, ``head`` or ``output`` (and tied weights
             shared with an embedding). ``include`` replaces the default selection.
-        filter_fn: ``filter_fn(module, param_fqn) -> bool``, applied last.
+        filter_fn: ``filter_fn(module, module_fqn) -> bool`` on the module owning a weight, applied
+            last (the same meaning as in :func:`~fx_spectral.nn.apply_spectral_norm`, ``transform``
+            and the backend). It used to get the parameter's fqn; for one release it is asked with
+            both, and where the answers differ the parameter-fqn answer is kept and a
+            DeprecationWarning names the parameters (nothing changes silently).
         split: ``split(fqn, param) -> {key: view} | None``: sub-views projected separately, each as
             ``view.reshape(-1, view.shape[-1])``, named ``f"{fqn}[{key}]"`` (fused QKV).
         track_activations: record the largest ``|output|`` of blocks for :meth:`Constraint.report`:
@@ -607,14 +642,15 @@ def constrain(
     in_optimizer = _param_owner(optimizer)
 
     targets: list[Target] = []
+    filter_changes: list[str] = []  # parameters whose filter_fn answer depends on the fqn's spelling
     for mod_name_params in model.named_parameters():
         fqn, p = mod_name_params
         _, owner_list = owners[id(p)]
         selected = any(_match(fqn, pat) for pat in includes) if includes else _default_selected(owner_list)
         if not selected or any(_match(fqn, pat) for pat in excludes):
             continue
-        module = owner_list[0][1]
-        if filter_fn is not None and not filter_fn(module, fqn):
+        module_fqn, module = owner_list[0][0], owner_list[0][1]
+        if filter_fn is not None and not _filter_keeps(filter_fn, module, module_fqn, fqn, filter_changes):
             continue
         if id(p) not in in_optimizer:
             continue  # not updated by this optimizer
@@ -660,6 +696,8 @@ def constrain(
                 "(RMS→RMS units) or alpha="
             )
         targets.append(t)
+    if filter_changes:
+        _warn_filter_changes(filter_changes)
     if not targets:
         raise ValueError(
             "constrain: no weight selected (default: Linear/Conv weights the optimizer updates, no heads; "
