@@ -17,8 +17,8 @@ keeps its name.
 """
 
 import importlib as _importlib
-import warnings as _warnings
 
+from fx_spectral.deprecation import renamed
 from fx_spectral.graph.bake import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
 from fx_spectral.graph.transform import SpectralGraphModule, TransformConfig, spectral_pass, transform
@@ -36,19 +36,16 @@ __all__ = [
     "transform",
 ]
 
-#: old name -> new name (both in this package); the old ones warn.
-_RENAMED = {"SpectralConfig": "TransformConfig", "SpectralBackendConfig": "BackendConfig"}
+
+def _resolve(name: str):
+    if name == "BackendConfig":  # lazily: the backend module imports dynamo's machinery
+        return _importlib.import_module("fx_spectral.graph.backend").BackendConfig
+    return globals()[name]
+
+
+#: the old names (they warn), then BackendConfig (loaded on first use, no warning).
+_renamed = renamed(__name__, {"SpectralConfig": "TransformConfig", "SpectralBackendConfig": "BackendConfig"}, _resolve)
 
 
 def __getattr__(name: str):
-    if name == "BackendConfig":  # lazily: the backend module imports dynamo's machinery
-        return _importlib.import_module("fx_spectral.graph.backend").BackendConfig
-    if name in _RENAMED:
-        new = _RENAMED[name]
-        _warnings.warn(
-            f"fx_spectral.graph.{name} is deprecated: use fx_spectral.graph.{new} (the same class)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return __getattr__(new) if new == "BackendConfig" else globals()[new]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _resolve(name) if name == "BackendConfig" else _renamed(name)

@@ -540,21 +540,7 @@ def _register() -> None:
 _register()
 
 
-# --------------------------------------------------------------------------------------------
-# Old names (one release): they warn and give the same class
-# --------------------------------------------------------------------------------------------
+# Old names (one release): they warn and give the same class.
+from fx_spectral.deprecation import renamed  # noqa: E402
 
-_RENAMED = {"SpectralBackendConfig": "BackendConfig"}
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:
-        new = _RENAMED[name]
-        warnings.warn(
-            f"fx_spectral.graph.backend.{name} is deprecated: use {new} (the same class)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return globals()[new]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = renamed(__name__, {"SpectralBackendConfig": "BackendConfig"}, globals())

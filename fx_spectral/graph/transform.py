@@ -629,20 +629,7 @@ def _install_owners(out: GraphModule, root: nn.Module, plan: tuple[_Weight, ...]
 
 
 
-# --------------------------------------------------------------------------------------------
-# Old names (one release): they warn and give the same class
-# --------------------------------------------------------------------------------------------
+# Old names (one release): they warn and give the same class (TorchTitan's SpectralConfig is another class).
+from fx_spectral.deprecation import renamed  # noqa: E402
 
-_RENAMED = {"SpectralConfig": "TransformConfig"}  # TorchTitan's SpectralConfig is another class
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:
-        new = _RENAMED[name]
-        warnings.warn(
-            f"fx_spectral.graph.transform.{name} is deprecated: use {new} (the same class)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return globals()[new]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed(__name__, {"SpectralConfig": "TransformConfig"}, globals())
