@@ -311,10 +311,15 @@ def spectral_hammer(
         >>> Y = spectral_hammer(torch.randn(16, 8), w_max=1.0, n_iter=50)
     """
     check_matrix(W, "spectral_hammer")
-    u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_hammer")
+    return _rank_one_update(W, lambda sigma: w_max - sigma, estimate, n_iter, dtype, generator, "spectral_hammer")
+
+
+def _rank_one_update(W: Tensor, change, estimate, n_iter: int | None, dtype, generator, op: str) -> Tensor:
+    # W + change(sigma) u v^T in the compute dtype, from the estimate (u, sigma, v) or a fresh one.
+    u, sigma, v = _estimate(W, estimate, n_iter, generator, op)
     X = _compute(W, dtype)
-    change = (w_max - sigma).to(X.dtype)[..., None, None]
-    return (X + change * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
+    c = change(sigma).to(X.dtype)[..., None, None]
+    return (X + c * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
 
 
 def spectral_weight_decay(
@@ -335,10 +340,7 @@ def spectral_weight_decay(
     check_matrix(W, "spectral_weight_decay")
     if not 0.0 <= wd <= 1.0:
         raise ValueError(f"spectral_weight_decay: wd must be in [0, 1], got {wd}")
-    u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_weight_decay")
-    X = _compute(W, dtype)
-    change = (wd * sigma).to(X.dtype)[..., None, None]
-    return (X - change * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
+    return _rank_one_update(W, lambda sigma: -(wd * sigma), estimate, n_iter, dtype, generator, "spectral_weight_decay")
 
 
 # --------------------------------------------------------------------------------------------
