@@ -1,7 +1,9 @@
 """fx_spectral: control the spectral norm of PyTorch weights.
 
-Three ways over one math core and one state layout (raw parameter keeps its name; float32
-buffers ``{name}_u`` / ``{name}_v`` on the owning module):
+Three ways over one math core. Eager and graph share one state layout (the raw parameter keeps
+its name; float32 buffers ``{name}_u`` / ``{name}_v`` on the owning module); constraints keep
+their vectors in the optimizer's per-parameter state instead (``spectral_u`` / ``spectral_v``,
+read and written through the handle's ``vectors``), so ``optimizer.state_dict()`` carries them:
 
 - eager: :func:`spectral_norm`, :func:`apply_spectral_norm`, :func:`remove_spectral_norm`;
 - graph: :func:`transform` (torch.fx), :func:`bake`, and the torch.compile backend ``"spectral"``

@@ -2,9 +2,10 @@ r"""Lipschitz factors of the elementary ops :func:`fx_spectral.certify` composes
 
 Every factor here is an upper bound of the op's Lipschitz constant with a stated reason:
 
-* elementwise activations: the largest slope (``sup |f'|``), computed in float64 where it is not
-  a simple number (GELU: :math:`\Phi(\sqrt2)+\sqrt2\,\varphi(\sqrt2) = 1.1289`, attained at
-  :math:`x=\sqrt2`; SiLU: 1.0998; tanh-GELU: 1.1290) and rounded up;
+* elementwise activations: the largest slope (``sup |f'|``), from the one table in
+  :mod:`fx_spectral.lipschitz` (re-exported here): exact where it is a simple number, else computed
+  in float64 and rounded up (GELU: :math:`\Phi(\sqrt2)+\sqrt2\,\varphi(\sqrt2) = 1.1289`,
+  attained at :math:`x=\sqrt2`; SiLU: 1.0998; tanh-GELU: 1.1290);
 * max pooling: :math:`|\max_w a - \max_w b| \le \max_w |a-b|`, so
   :math:`\lVert y(a)-y(b)\rVert^2 \le \sum_m c_m (a_m-b_m)^2 \le c_{\max}\lVert a-b\rVert^2` with
   :math:`c_m` the number of windows holding entry ``m``: factor :math:`\sqrt{c_{\max}}` (1 for
@@ -29,6 +30,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
+from fx_spectral.lipschitz import GELU_SLOPE, GELU_TANH_SLOPE, SELU_SLOPE, SILU_SLOPE, activation_module_slope
 from fx_spectral.operator_norm import SVD_MARGIN, padding_map_norm
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "GELU_SLOPE",
     "GELU_TANH_SLOPE",
     "SILU_SLOPE",
+    "SELU_SLOPE",
     "activation_module_slope",
     "adaptive_windows",
     "avg_pool_factor",
@@ -47,75 +50,6 @@ __all__ = [
 ]
 
 _MARGIN = 1e-12
-
-
-def _max_of(f, lo: float, hi: float) -> float:
-    """Max of a smooth unimodal-near-the-top function: dense grid, then golden-section refine."""
-    xs = torch.linspace(lo, hi, 200001, dtype=torch.float64)
-    i = int(torch.argmax(f(xs)))
-    a, b = float(xs[max(i - 1, 0)]), float(xs[min(i + 1, len(xs) - 1)])
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(200):
-        c, d = b - g * (b - a), a + g * (b - a)
-        if float(f(torch.tensor(c, dtype=torch.float64))) > float(f(torch.tensor(d, dtype=torch.float64))):
-            b = d
-        else:
-            a = c
-    return float(f(torch.tensor((a + b) / 2, dtype=torch.float64)))
-
-
-def _gelu_slope() -> float:
-    # d/dx [x Phi(x)] = Phi(x) + x phi(x); its derivative phi(x) (2 - x^2) vanishes at x = sqrt 2.
-    r = math.sqrt(2)
-    return 0.5 * (1 + math.erf(r / math.sqrt(2))) + r * math.exp(-1.0) / math.sqrt(2 * math.pi)
-
-
-def _silu_slope() -> float:
-    s = torch.sigmoid
-    return _max_of(lambda x: s(x) * (1 + x * (1 - s(x))), 0.0, 6.0)
-
-
-def _gelu_tanh_slope() -> float:
-    def d(x):
-        x = x.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh").sum(), x)
-        return g
-
-    return _max_of(d, 0.0, 6.0)
-
-
-#: Largest slopes, rounded up by a relative 1e-9 (the refinement is accurate to ~1e-12).
-GELU_SLOPE = _gelu_slope() * (1 + 1e-9)
-SILU_SLOPE = _silu_slope() * (1 + 1e-9)
-GELU_TANH_SLOPE = _gelu_tanh_slope() * (1 + 1e-9)
-_SELU = (1.0507009873554804934193349852946, 1.6732632423543772848170429916717)
-
-
-def activation_module_slope(m: torch.nn.Module) -> float | None:
-    """Largest slope of an elementwise activation module (``None`` if not one we know)."""
-    nn = torch.nn
-    if isinstance(m, nn.GELU):
-        return GELU_TANH_SLOPE if m.approximate == "tanh" else GELU_SLOPE
-    if isinstance(m, nn.SiLU):
-        return SILU_SLOPE
-    if isinstance(m, nn.LeakyReLU):
-        return max(1.0, abs(m.negative_slope))
-    if isinstance(m, nn.ELU):
-        return max(1.0, m.alpha)
-    if isinstance(m, nn.SELU):
-        return _SELU[0] * _SELU[1]
-    if isinstance(m, nn.PReLU):
-        return max(1.0, float(m.weight.detach().abs().max()))
-    if isinstance(m, nn.Sigmoid):
-        return 0.25
-    if isinstance(m, nn.Hardsigmoid):
-        return 1 / 6
-    if isinstance(m, nn.Hardswish):
-        return 1.5
-    if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.CELU, nn.LogSigmoid,
-                      nn.Tanhshrink, nn.Softshrink, nn.Identity)):
-        return 1.0
-    return None
 
 
 #: Largest slope of the functional activations, by canonical name; ``kw`` holds the bound arguments.
@@ -139,7 +73,7 @@ FUNCTION_SLOPES = {
     "gelu": lambda kw: GELU_TANH_SLOPE if kw.get("approximate", "none") == "tanh" else GELU_SLOPE,
     "leaky_relu": lambda kw: max(1.0, abs(float(kw.get("negative_slope", 0.01)))),
     "elu": lambda kw: max(1.0, float(kw.get("alpha", 1.0))),
-    "selu": lambda kw: _SELU[0] * _SELU[1],
+    "selu": lambda kw: SELU_SLOPE,
     "celu": lambda kw: 1.0,
 }
 

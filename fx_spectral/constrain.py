@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -35,19 +36,17 @@ from torch.nn.parameter import is_lazy
 
 from fx_spectral import constraints as C
 from fx_spectral import methods as _methods
+from fx_spectral.coupling import decay, is_muon_group, muon_update_norm
 from fx_spectral.errors import ProjectionError, projection_error
 from fx_spectral.kinds import default_dim, default_selected, module_rms_scale, weight_matrix
 from fx_spectral.methods import *  # noqa: F403  (the method configs and METHODS: re-exported, see __all__)
 from fx_spectral.methods import (
     HardCap,
+    Method,
     ProjectionContext,
     SoftCap,
     SpectralNormalize,
-    _decay,
-    _is_muon_group,
-    _Method,
-    _method_config,
-    muon_update_norm,
+    method_config,
     project_matrix,
     registration,
 )
@@ -65,7 +64,7 @@ __all__ = [  # plus fx_spectral.methods' public names (every registered method c
 HEAD_NAMES = frozenset({"lm_head", "head", "output"})
 
 
-def initial_projection_method(method: _Method) -> _Method | None:
+def initial_projection_method(method: Method) -> Method | None:
     """The exact projection into the ball that ``constrain(..., initial_projection=True)`` applies.
 
     Read from the method's registration (:func:`fx_spectral.methods.register`). Rank-one methods
@@ -364,11 +363,11 @@ class Constraint:
         coupling (update norm in RMS→RMS units, for the matrix's ``scale``), decoupled decay, its
         persistent vectors (read and written through :attr:`vectors`) and its seed."""
         group = t.group
-        muon = _is_muon_group(group)
+        muon = is_muon_group(group)
         update = muon_update_norm(group, t.param.shape) / scale if muon else None
         return ProjectionContext(
             w_max=t.w_max[key],
-            decay=_decay(group),
+            decay=decay(group),
             update_norm=update,
             get_vectors=lambda: self.vectors.get(t, key),
             put_vectors=lambda u, v: self.vectors.put(t, key, u, v),
@@ -398,7 +397,7 @@ class Constraint:
 
     @torch.no_grad()
     def _project_all(
-        self, method: _Method, only_stepped: bool, when: str = "in project()", store_vectors: bool = True
+        self, method: Method, only_stepped: bool, when: str = "in project()", store_vectors: bool = True
     ) -> None:
         """Project every (stepped) target, all or nothing.
 
@@ -449,11 +448,11 @@ class Constraint:
     def _failure(self, name: str, when: str, why: str) -> ProjectionError:
         return projection_error(name, self.method, when, why)
 
-    def project(self, method: str | _Method | None = None, **options) -> Constraint:
+    def project(self, method: str | Method | None = None, **options) -> Constraint:
         """Project every selected weight now (e.g. once before training), with this handle's method
         or another one (``handle.project("pure_svd")`` puts weights inside the ball exactly).
         NB: modifies the weights in place. Returns the handle."""
-        cfg = self.method if method is None and not options else _method_config(method or self.method, options)
+        cfg = self.method if method is None and not options else method_config(method or self.method, options)
         self._project_all(cfg, only_stepped=False)
         return self
 
@@ -527,10 +526,40 @@ class Constraint:
 # --------------------------------------------------------------------------------------------
 
 
+def _filter_keeps(filter_fn: Callable, module: nn.Module, module_fqn: str, param_fqn: str, changes: list) -> bool:
+    """``filter_fn``'s answer for one parameter, during the move of its second argument to the module fqn.
+
+    The answer for the parameter fqn (the old meaning) is the one used; the module-fqn answer is
+    only compared with it. Where they differ, or the module spelling raises (a filter that parses
+    parameter paths), ``param_fqn`` (with both answers) is appended to ``changes`` (NB: mutated in
+    place) for :func:`_warn_filter_changes`.
+    """
+    keep = bool(filter_fn(module, param_fqn))
+    try:
+        new = repr(bool(filter_fn(module, module_fqn)))
+    except Exception as e:  # only the old spelling's answer counts this release
+        new = f"raises {type(e).__name__}"
+    if new != repr(keep):
+        changes.append(f"{param_fqn!r} (with {param_fqn!r}: {keep}, with module {module_fqn!r}: {new})")
+    return keep
+
+
+def _warn_filter_changes(changes: list[str]) -> None:
+    shown = "; ".join(changes[:5]) + (f"; … ({len(changes)} in all)" if len(changes) > 5 else "")
+    warnings.warn(
+        "constrain: filter_fn's second argument becomes the owning module's fqn, as in apply_spectral_norm, "
+        f"transform and the backend (it was the parameter's fqn); your filter_fn answers differently for: {shown}. "
+        "The parameter-fqn answer is used in this release. Make filter_fn give the same answer for both "
+        "spellings (test the module path), or select parameters by name with include= / exclude=",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 def constrain(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    method: str | _Method,
+    method: str | Method,
     *,
     w_max: float | Mapping[str, float] = 1.0,
     include: str | Iterable[str] | None = None,
@@ -566,7 +595,11 @@ def constrain(
             ``weight`` of every Linear / Conv / ConvTranspose (incl. eager spectral-normalized
             ones), except modules named ``lm_head``, ``head`` or ``output`` (and tied weights
             shared with an embedding). ``include`` replaces the default selection.
-        filter_fn: ``filter_fn(module, param_fqn) -> bool``, applied last.
+        filter_fn: ``filter_fn(module, module_fqn) -> bool`` on the module owning a weight, applied
+            last (the same meaning as in :func:`~fx_spectral.nn.apply_spectral_norm`, ``transform``
+            and the backend). It used to get the parameter's fqn; for one release it is asked with
+            both, and where the answers differ the parameter-fqn answer is kept and a
+            DeprecationWarning names the parameters (nothing changes silently).
         split: ``split(fqn, param) -> {key: view} | None``: sub-views projected separately, each as
             ``view.reshape(-1, view.shape[-1])``, named ``f"{fqn}[{key}]"`` (fused QKV).
         track_activations: record the largest ``|output|`` of blocks for :meth:`Constraint.report`:
@@ -606,7 +639,7 @@ def constrain(
         raise TypeError(f"constrain: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"constrain: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    cfg = _method_config(method, options)
+    cfg = method_config(method, options)
     _check_w_max(w_max)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"constrain: filter_fn must be callable(module, fqn) -> bool, got {filter_fn!r}")
@@ -623,14 +656,15 @@ def constrain(
     in_optimizer = _param_owner(optimizer)
 
     targets: list[Target] = []
+    filter_changes: list[str] = []  # parameters whose filter_fn answer depends on the fqn's spelling
     for mod_name_params in model.named_parameters():
         fqn, p = mod_name_params
         _, owner_list = owners[id(p)]
         selected = any(_match(fqn, pat) for pat in includes) if includes else _default_selected(owner_list)
         if not selected or any(_match(fqn, pat) for pat in excludes):
             continue
-        module = owner_list[0][1]
-        if filter_fn is not None and not filter_fn(module, fqn):
+        module_fqn, module = owner_list[0][0], owner_list[0][1]
+        if filter_fn is not None and not _filter_keeps(filter_fn, module, module_fqn, fqn, filter_changes):
             continue
         if id(p) not in in_optimizer:
             continue  # not updated by this optimizer
@@ -669,13 +703,15 @@ def constrain(
                     raise ValueError(f"constrain: split({fqn!r}) view {key!r} must be a tensor with >= 2 dims")
         for key in views if views is not None else [None]:
             t.w_max[key] = _resolve_w_max(w_max, t.name(key), fqn)
-        if isinstance(cfg, SoftCap) and cfg.alpha is None and cfg.max_update_norm is None and not _is_muon_group(group):
+        if isinstance(cfg, SoftCap) and cfg.alpha is None and cfg.max_update_norm is None and not is_muon_group(group):
             raise ValueError(
                 f"constrain: soft_cap with alpha=None couples alpha to the optimizer's max update norm, known "
                 f"for torch.optim.Muon only; {type(opt).__name__} updates {fqn!r}: pass max_update_norm= "
                 "(RMS→RMS units) or alpha="
             )
         targets.append(t)
+    if filter_changes:
+        _warn_filter_changes(filter_changes)
     if not targets:
         raise ValueError(
             "constrain: no weight selected (default: Linear/Conv weights the optimizer updates, no heads; "

@@ -28,7 +28,6 @@ either passed in as ``estimate=`` (e.g. persistent vectors, 1–2 iterations) or
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -305,10 +304,15 @@ def spectral_hammer(
         >>> Y = spectral_hammer(torch.randn(16, 8), w_max=1.0, n_iter=50)
     """
     check_matrix(W, "spectral_hammer")
-    u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_hammer")
+    return _rank_one_update(W, lambda sigma: w_max - sigma, estimate, n_iter, dtype, generator, "spectral_hammer")
+
+
+def _rank_one_update(W: Tensor, change, estimate, n_iter: int | None, dtype, generator, op: str) -> Tensor:
+    # W + change(sigma) u v^T in the compute dtype, from the estimate (u, sigma, v) or a fresh one.
+    u, sigma, v = _estimate(W, estimate, n_iter, generator, op)
     X = _compute(W, dtype)
-    change = (w_max - sigma).to(X.dtype)[..., None, None]
-    return (X + change * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
+    c = change(sigma).to(X.dtype)[..., None, None]
+    return (X + c * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
 
 
 def spectral_weight_decay(
@@ -329,10 +333,7 @@ def spectral_weight_decay(
     check_matrix(W, "spectral_weight_decay")
     if not 0.0 <= wd <= 1.0:
         raise ValueError(f"spectral_weight_decay: wd must be in [0, 1], got {wd}")
-    u, sigma, v = _estimate(W, estimate, n_iter, generator, "spectral_weight_decay")
-    X = _compute(W, dtype)
-    change = (wd * sigma).to(X.dtype)[..., None, None]
-    return (X - change * _outer(u.to(X.dtype), v.to(X.dtype))).to(W.dtype)
+    return _rank_one_update(W, lambda sigma: -(wd * sigma), estimate, n_iter, dtype, generator, "spectral_weight_decay")
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,66 +552,8 @@ def orthogonalize(
 
 
 # --------------------------------------------------------------------------------------------
-# Coupling with the optimizer
+# Coupling with the optimizer: the math lives in fx_spectral.coupling (the names stay importable here)
 # --------------------------------------------------------------------------------------------
 
-# t = α σ²: f(σ) = σ g(t) with g(t) = 1 - 3t² + 3t³ - t⁴, strictly decreasing on t > 0 (g(1) = 0).
-# f'(σ) = 1 - 15t² + 21t³ - 9t⁴ vanishes at T_PEAK: there f has its maximum σ* g(T_PEAK).
-
-
-def _g(t: float) -> float:
-    return 1 - 3 * t**2 + 3 * t**3 - t**4
-
-
-def _bisect(fn, lo: float, hi: float) -> float:
-    # fn(lo) > 0 > fn(hi); 200 halvings reach float64 resolution.
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if fn(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-@functools.cache
-def _t_peak() -> float:
-    return _bisect(lambda t: 1 - 15 * t**2 + 21 * t**3 - 9 * t**4, 0.0, 1.0)
-
-
-def soft_cap_coupling(w_max: float, wd: float, max_update_norm: float) -> float:
-    r"""The soft-cap strength that keeps every singular value at most ``w_max`` after each step.
-
-    After one optimizer step from a weight with :math:`\sigma_1 \le w_{max}`, no singular value
-    exceeds :math:`k = w_{max}(1 - wd) + \eta` (``wd``: the per-step decoupled decay fraction, e.g.
-    ``lr * weight_decay``; :math:`\eta`: ``max_update_norm``, the update's spectral norm in the same
-    units). Returns the smallest :math:`\alpha \ge 0` with :math:`f(k) = w_{max}`, i.e. the smallest
-    non-negative real root of :math:`-k^9\alpha^4 + 3k^7\alpha^3 - 3k^5\alpha^2 + (k - w_{max}) = 0`;
-    then :math:`\max_{[0,k]} f = w_{max}`. (If :math:`k > w_{max}/g(t^*) \approx 1.28\,w_{max}`,
-    f would peak inside :math:`[0, k]` above ``w_max``; the α returned then puts that peak at
-    exactly ``w_max``, which keeps the guarantee.) Returns 0.0 when ``k <= w_max``.
-
-    Example::
-
-        >>> alpha = soft_cap_coupling(1.0, wd=0.0, max_update_norm=0.02 * 1.2)
-    """
-    for name, value in (("w_max", w_max), ("wd", wd), ("max_update_norm", max_update_norm)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise TypeError(f"soft_cap_coupling: {name} must be a finite float, got {value!r}")
-    if w_max <= 0:
-        raise ValueError(f"soft_cap_coupling: w_max must be > 0, got {w_max}")
-    if not 0 <= wd < 1:
-        raise ValueError(f"soft_cap_coupling: wd (decay fraction per step) must be in [0, 1), got {wd}")
-    if max_update_norm < 0:
-        raise ValueError(f"soft_cap_coupling: max_update_norm must be >= 0, got {max_update_norm}")
-    k = w_max * (1 - wd) + max_update_norm
-    if k <= w_max:
-        return 0.0
-    r = w_max / k
-    t_star = _t_peak()
-    g_star = _g(t_star)
-    if r >= g_star:  # the root lies before the peak: f increasing on [0, k], f(k) = w_max
-        t = _bisect(lambda s: _g(s) - r, 0.0, t_star)
-        return t / (k * k)
-    # Peak inside [0, k]: put the peak value sigma* g(t*) at w_max (sigma* = sqrt(t*/alpha)).
-    return t_star * g_star**2 / (w_max * w_max)
+# soft_cap_coupling's old home; _g / _t_peak: the scalar map and its peak, which tests read from here.
+from fx_spectral.coupling import _g, _t_peak, soft_cap_coupling  # noqa: E402, F401

@@ -15,7 +15,7 @@ Relation to :func:`fx_spectral.certify`: ``certify(model, example_input)`` is th
 graph it can trace: convolutions as operators, BatchNorm, pooling, residuals, ...; it needs an
 example input for the shapes). This module is the shortcut that needs no input: for a Sequential
 of Linears and activations it gives the same l2 -> l2 bound as ``certify`` (the same exact norms
-and activation slopes, to ~1e-9 relative), and it is the transformer-specific bound that
+and the same activation slopes, :func:`activation_module_slope`), and it is the transformer-specific bound that
 ``certify`` itself uses as the leaf for a :class:`~fx_spectral.models.LipschitzTransformer`.
 Convolutions are refused here, because their operator norm depends on the input size: use
 ``certify``.
@@ -61,12 +61,66 @@ from torch import nn
 from fx_spectral.kinds import kind_of
 from fx_spectral.models import GELU_LIPSCHITZ, Attention, LipschitzTransformer, ScaledGELU
 
-__all__ = ["LipschitzTerm", "lipschitz_bound", "lipschitz_terms", "rms_operator_norms"]
+__all__ = [
+    "GELU_SLOPE",
+    "GELU_TANH_SLOPE",
+    "SILU_SLOPE",
+    "SELU_SLOPE",
+    "LipschitzTerm",
+    "activation_module_slope",
+    "lipschitz_bound",
+    "lipschitz_terms",
+    "rms_operator_norms",
+]
 
-# Upper bounds of the largest slope of each activation (measured in float64, rounded up).
-_GELU_SLOPE = 1.12890415
-_GELU_TANH_SLOPE = 1.12899307
-_SILU_SLOPE = 1.09983933
+# --------------------------------------------------------------------------------------------
+# Activation slopes: the one table lipschitz_bound and fx_spectral.certify read
+# --------------------------------------------------------------------------------------------
+
+#: Upper bounds of the largest slope ``sup |f'|`` of the smooth activations: the exact value,
+#: computed in float64, rounded UP at the 8th decimal (tests/test_lipschitz.py recomputes each and
+#: checks ``exact <= constant < exact * (1 + 1e-8)``). GELU: ``Phi(sqrt 2) + sqrt 2 phi(sqrt 2) =
+#: 1.128904146`` at ``x = sqrt 2``; tanh-GELU: 1.128993070; SiLU: 1.099839321.
+GELU_SLOPE = 1.12890415
+GELU_TANH_SLOPE = 1.12899307
+SILU_SLOPE = 1.09983933
+#: SELU's largest slope: its scale times its alpha (the slope of ``scale * alpha * (exp(x) - 1)`` at 0).
+SELU_SLOPE = 1.0507009873554804934193349852946 * 1.6732632423543772848170429916717
+
+
+def activation_module_slope(m: nn.Module) -> float | None:
+    """Largest slope (an upper bound of the Lipschitz constant) of an elementwise activation module.
+
+    ``None`` if ``m`` is not an activation this table knows. Exact numbers (1, 1/4, 1/6, 1.5,
+    ``max(1, |negative_slope|)``, ...) where the slope has a closed form; the constants above otherwise.
+
+    Example::
+
+        >>> activation_module_slope(nn.Sigmoid())
+        0.25
+    """
+    if isinstance(m, nn.GELU):
+        return GELU_TANH_SLOPE if m.approximate == "tanh" else GELU_SLOPE
+    if isinstance(m, nn.SiLU):
+        return SILU_SLOPE
+    if isinstance(m, nn.LeakyReLU):
+        return max(1.0, abs(m.negative_slope))
+    if isinstance(m, nn.ELU):
+        return max(1.0, m.alpha)
+    if isinstance(m, nn.SELU):
+        return SELU_SLOPE
+    if isinstance(m, nn.PReLU):
+        return max(1.0, float(m.weight.detach().abs().max()))
+    if isinstance(m, nn.Sigmoid):
+        return 0.25
+    if isinstance(m, nn.Hardsigmoid):
+        return 1 / 6
+    if isinstance(m, nn.Hardswish):
+        return 1.5
+    if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.CELU, nn.LogSigmoid,
+                      nn.Tanhshrink, nn.Softshrink, nn.Identity)):
+        return 1.0
+    return None
 
 
 @dataclass(frozen=True)
@@ -86,23 +140,13 @@ def _sigma(w: torch.Tensor) -> torch.Tensor:
 
 
 def _activation_lipschitz(module: nn.Module) -> float | None:
+    # A Sequential's elementwise layers: the slope table, ScaledGELU (GELU / 1.1289), and the
+    # layers that are the identity in eval or a reshape.
     if isinstance(module, ScaledGELU):
-        return _GELU_SLOPE / GELU_LIPSCHITZ
-    if isinstance(module, nn.GELU):
-        return _GELU_TANH_SLOPE if module.approximate == "tanh" else _GELU_SLOPE
-    if isinstance(module, nn.SiLU):
-        return _SILU_SLOPE
-    if isinstance(module, nn.LeakyReLU):
-        return max(1.0, abs(module.negative_slope))
-    if isinstance(module, nn.ELU):
-        return max(1.0, module.alpha)
-    if isinstance(module, nn.Sigmoid):
-        return 0.25
-    if isinstance(
-        module, (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Identity, nn.Dropout, nn.Flatten)
-    ):
+        return GELU_SLOPE / GELU_LIPSCHITZ
+    if isinstance(module, (nn.Dropout, nn.Flatten)):
         return 1.0
-    return None
+    return activation_module_slope(module)
 
 
 def _sequential_terms(seq: nn.Sequential, prefix: str) -> list[LipschitzTerm]:
@@ -125,8 +169,9 @@ def _sequential_terms(seq: nn.Sequential, prefix: str) -> list[LipschitzTerm]:
             if lip is None:
                 raise TypeError(
                     f"lipschitz_bound: no Lipschitz constant known for {path} ({type(child).__name__}); "
-                    "supported: Linear, nested Sequential, ReLU/LeakyReLU/GELU/SiLU/Tanh/Sigmoid/ELU/"
-                    "Softplus/Hardtanh/Softsign/ScaledGELU, Identity, Dropout (eval), Flatten."
+                    "supported: Linear, nested Sequential, the elementwise activations of "
+                    "fx_spectral.lipschitz.activation_module_slope (ReLU, GELU, SiLU, Tanh, Sigmoid, ...), "
+                    "ScaledGELU, Dropout (eval), Flatten."
                 )
             if lip != 1.0:
                 terms.append(LipschitzTerm(path, lip))
@@ -158,7 +203,7 @@ def _transformer_terms(model: LipschitzTransformer, radius: float) -> list[Lipsc
         radius = (1 - a) * radius + a * gain * seen
         terms.append(LipschitzTerm(f"layers.{i}.attn", (1 - a) + a * lip, radius))
         prod = float(_sigma(block.mlp.fc_out.weight) * _sigma(block.mlp.fc_in.weight))
-        lip, gain = prod * _GELU_SLOPE / GELU_LIPSCHITZ, prod / GELU_LIPSCHITZ
+        lip, gain = prod * GELU_SLOPE / GELU_LIPSCHITZ, prod / GELU_LIPSCHITZ
         radius = ((1 - a) + a * gain) * radius
         terms.append(LipschitzTerm(f"layers.{i}.mlp", (1 - a) + a * lip, radius))
     head = float(_sigma(model.lm_head.weight))

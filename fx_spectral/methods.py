@@ -1,4 +1,4 @@
-r"""What one projection of one matrix does: the method configs, :func:`project_matrix`, Muon coupling.
+r"""What one projection of one matrix does: the method configs and :func:`project_matrix`.
 
 * method configs: frozen keyword-only dataclasses (:class:`SoftCap`, :class:`HardCap`, …), each
   registered once with :func:`register` (its name, its kind — ``"rank_one"`` or
@@ -9,8 +9,9 @@ r"""What one projection of one matrix does: the method configs, :func:`project_m
 * :func:`project_matrix` is the ONE function every per-weight projection goes through:
   ``scale * project(matrix / scale)`` in RMS→RMS units, a pure function on one 2-D matrix (so a
   distributed implementation can call it on a gathered matrix and scatter the result);
-* the coupling with torch.optim.Muon: :func:`muon_update_norm` bounds the spectral norm of one
-  update, from which the soft cap's ``alpha`` follows (:func:`fx_spectral.constraints.soft_cap_coupling`).
+* the soft cap's coupling to the optimizer is read from :mod:`fx_spectral.coupling` (the bound
+  on one torch.optim.Muon update, :func:`~fx_spectral.coupling.soft_cap_coupling`); its names
+  ``muon_update_norm`` and ``MUON_SAFETY`` stay importable from here.
 
 The ops themselves live in :mod:`fx_spectral.constraints`; selecting the weights, keeping the
 persistent vectors and hooking the optimizer is :mod:`fx_spectral.constrain`.
@@ -28,10 +29,11 @@ import torch
 from torch import Tensor
 
 from fx_spectral import constraints as C
+from fx_spectral import coupling
 from fx_spectral import power as P
+from fx_spectral.coupling import MUON_SAFETY, muon_update_norm  # noqa: F401  (re-exported: the old home)
 
 N_WARMUP_ITERATIONS = P.N_WARMUP  # a fresh u/v gets these before the per-step iterations (as spectral_norm)
-MUON_SAFETY = 1.02  # on top of the exact Newton–Schulz peak: covers Muon's bf16 rounding (measured 1.0003)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,12 +94,12 @@ def register(
         @register("spectral_normalize", kind="rank_one", options=("n_iter",),
                   rank_one_op=lambda X, cfg, w_max, est: C.spectral_normalize(X, w_max, estimate=est))
         @dataclass(frozen=True, kw_only=True)
-        class SpectralNormalize(_Method): ...
+        class SpectralNormalize(Method): ...
     """
 
     def decorate(cls: type) -> type:
         where = f"register({name!r})"
-        if not (isinstance(cls, type) and issubclass(cls, _Method) and dataclasses.is_dataclass(cls)):
+        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
             raise TypeError(f"{where}: expected a dataclass subclass of the method base, got {cls!r}")
         if name in METHODS or cls in _REGISTRY:
             raise ValueError(f"{where}: {name!r} / {cls.__name__} is already registered")
@@ -170,8 +172,12 @@ def _rank_one_handler(op: RankOneOp, X: Tensor, cfg: Any, ctx: ProjectionContext
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Method:
-    """Fields every method has. ``dtype``: compute dtype (None: float32, float64 for float64 weights)."""
+class Method:
+    """The base of every method config: the fields every method has.
+
+    ``dtype``: compute dtype (None: float32, float64 for float64 weights). Subclass it (a frozen,
+    keyword-only dataclass) and :func:`register` the subclass to add a method.
+    """
 
     name: ClassVar[str] = ""
     dtype: torch.dtype | None = None
@@ -193,7 +199,7 @@ class _Method:
     options=("n_iter",),  # not the section's exact: that one is for the caps
 )
 @dataclass(frozen=True, kw_only=True)
-class SpectralNormalize(_Method):
+class SpectralNormalize(Method):
     r""":math:`W \leftarrow W/\max(1, \hat\sigma/w_{max})` with ``n_iter`` persistent power iterations per step.
 
     The estimate :math:`\hat\sigma \le \sigma_1` can under-read (then the result exceeds w_max
@@ -242,7 +248,7 @@ class SpectralWeightDecay(SpectralNormalize):
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Polynomial(_Method):
+class _Polynomial(Method):
     """Methods made of matrix products (hard cap, soft cap, orthogonalize).
 
     ``matmul_dtype``: dtype of the products. ``"auto"`` (default): bf16 for weights that
@@ -297,7 +303,7 @@ class HardCap(_Polynomial):
 class SoftCap(_Polynomial):
     r"""Soft cap :math:`f(\sigma)=\sigma-3\alpha^2\sigma^5+3\alpha^3\sigma^7-\alpha^4\sigma^9`.
 
-    ``alpha=None``: coupled to the optimizer (:func:`fx_spectral.constraints.soft_cap_coupling`)
+    ``alpha=None``: coupled to the optimizer (:func:`fx_spectral.coupling.soft_cap_coupling`)
     with the maximum update norm from torch.optim.Muon's param group, or ``max_update_norm`` (in
     RMS→RMS units) for any other optimizer. ``sensitive_to_wmax=True``: the soft cap runs on
     ``W/(s·w_max)`` and the result is multiplied by ``s·w_max`` (an explicit ``alpha`` is then in
@@ -321,7 +327,7 @@ class SoftCap(_Polynomial):
 
 @register("pure_svd", kind="full_spectrum")
 @dataclass(frozen=True, kw_only=True)
-class PureSVD(_Method):
+class PureSVD(Method):
     """Exact cap by SVD: U min(S, w_max) Vᵀ (slow; a reference)."""
 
 
@@ -340,14 +346,24 @@ class Orthogonalize(_Polynomial):
         self._check_int("Orthogonalize", "steps", self.steps, 1)
 
 
-def _method_config(method: str | _Method, options: Mapping[str, Any]) -> _Method:
+def method_config(method: str | Method, options: Mapping[str, Any]) -> Method:
+    """The config a method name or config plus keyword options give (``constrain(model, "soft_cap", alpha=0.1)``).
+
+    A name builds its registered config from ``options``; a config object is copied with
+    ``options`` replaced. Unknown names raise ValueError, options the config lacks TypeError.
+
+    Example::
+
+        >>> method_config("hard_cap", {"exact": True}).exact
+        True
+    """
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(
                 f"constrain: unknown method {method!r}; expected one of {sorted(METHODS)} or a config object"
             )
         cls, base = METHODS[method], None
-    elif isinstance(method, _Method):
+    elif isinstance(method, Method):
         cls, base = type(method), method
     else:
         raise TypeError(
@@ -365,6 +381,10 @@ def _method_config(method: str | _Method, options: Mapping[str, Any]) -> _Method
 # --------------------------------------------------------------------------------------------
 # Per-matrix projection: the one function every weight goes through
 # --------------------------------------------------------------------------------------------
+
+
+_Method = Method  # the old private names (tests subclass _Method)
+_method_config = method_config
 
 
 @dataclass
@@ -386,11 +406,11 @@ class ProjectionContext:
     muon: bool = False
 
 
-def _compute_dtype(cfg: _Method, dtype: torch.dtype) -> torch.dtype:
+def _compute_dtype(cfg: Method, dtype: torch.dtype) -> torch.dtype:
     return P.compute_dtype(dtype, cfg.dtype)
 
 
-def project_matrix(matrix: Tensor, cfg: _Method, ctx: ProjectionContext, *, scale: float) -> Tensor:
+def project_matrix(matrix: Tensor, cfg: Method, ctx: ProjectionContext, *, scale: float) -> Tensor:
     """Project one 2-D weight matrix in RMS→RMS units: ``scale * project(matrix / scale)``.
 
     Pure (returns a new tensor in ``matrix.dtype``) except for ``ctx.put_vectors``. This is the
@@ -443,19 +463,17 @@ def _soft_cap(X: Tensor, cfg: SoftCap, ctx: ProjectionContext) -> Tensor:
         eta = cfg.max_update_norm if cfg.max_update_norm is not None else ctx.update_norm
         if eta is None:
             raise RuntimeError("soft cap coupling needs the max update norm (pass max_update_norm=)")
-        alpha = _coupling(cap, ctx.decay, eta / unit)
+        alpha = coupling.cached_soft_cap_coupling(cap, ctx.decay, eta / unit)
         # k: no singular value exceeds it after a step from inside the ball, and f(k) <= cap; a
         # spectrum beyond k (a start outside the ball, an update larger than promised) is scaled
         # to k first, so the result stays under the cap (up to the power estimate's accuracy).
-        limit = cap * (1 - ctx.decay) + eta / unit
+        limit = coupling.post_step_bound(cap, ctx.decay, eta / unit)
     if unit == 1.0:
         return C.soft_cap(X, alpha, limit=limit, matmul_dtype=cfg.products_dtype(ctx))
     return C.soft_cap(X / unit, alpha, limit=limit, matmul_dtype=cfg.products_dtype(ctx)).mul_(unit)
 
 
-@functools.lru_cache(maxsize=4096)
-def _coupling(w_max: float, decay: float, eta: float) -> float:
-    return C.soft_cap_coupling(w_max, decay, eta)
+_coupling = coupling.cached_soft_cap_coupling  # the old private name
 
 
 @handles(Orthogonalize)
@@ -482,6 +500,8 @@ if _missing:  # pragma: no cover - a method registered here without a handler is
 __all__ = [  # derived: every registered config, then the rest of the public surface
     *(r.config.__name__ for r in _REGISTRY.values()),
     "METHODS",
+    "Method",
+    "method_config",
     "Registration",
     "register",
     "handles",
@@ -493,54 +513,11 @@ __all__ = [  # derived: every registered config, then the rest of the public sur
 
 
 # --------------------------------------------------------------------------------------------
-# Coupling with torch.optim.Muon
+# Coupling with torch.optim.Muon: the math lives in fx_spectral.coupling (the old names stay here)
 # --------------------------------------------------------------------------------------------
 
-_MUON_KEYS = ("ns_coefficients", "ns_steps", "adjust_lr_fn")
-
-
-def _is_muon_group(group: Mapping) -> bool:
-    return all(k in group for k in _MUON_KEYS)
-
-
-@functools.cache
-def _ns_peak(coefficients: tuple[float, float, float], steps: int) -> float:
-    # Muon divides by the Frobenius norm first, so every singular value starts in [0, 1]:
-    # the update's largest singular value is the peak of the iterated scalar map on [0, 1].
-    a, b, c = coefficients
-    x = torch.linspace(0.0, 1.0, 400_001, dtype=torch.float64)
-    for _ in range(steps):
-        x2 = x * x
-        x = x * (a + b * x2 + c * x2 * x2)
-    return float(x.abs().max())
-
-
-def _muon_lr_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:
-    try:
-        from torch.optim._muon import _adjust_lr
-
-        return float(_adjust_lr(1.0, adjust_lr_fn, shape))
-    except ImportError:  # pragma: no cover - same rule, in case torch moves the helper
-        A, B = shape[:2]
-        if adjust_lr_fn in (None, "original"):
-            return max(1.0, A / B) ** 0.5
-        return 0.2 * max(A, B) ** 0.5 if adjust_lr_fn == "match_rms_adamw" else 1.0
-
-
-def muon_update_norm(group: Mapping, param_shape: torch.Size) -> float:
-    """Upper bound on the spectral norm (raw units) of one torch.optim.Muon update of a parameter.
-
-    Muon adds ``-adjusted_lr * NS(G)``, where ``adjusted_lr = lr * ratio(shape)`` (its
-    ``adjust_lr_fn``) and ``NS`` maps each singular value of ``G/‖G‖_F`` through its quintic
-    ``ns_steps`` times (peak 1.2024 for the default coefficients). Divide by the matrix's scale
-    ``sqrt(fan_out/fan_in)`` for RMS→RMS units.
-    """
-    lr = float(group["lr"])
-    peak = _ns_peak(tuple(float(c) for c in group["ns_coefficients"]), int(group["ns_steps"]))
-    return lr * _muon_lr_ratio(group["adjust_lr_fn"], param_shape) * peak * MUON_SAFETY
-
-
-def _decay(group: Mapping) -> float:
-    # Muon decays decoupled (param.mul_(1 - lr * wd)); for any other optimizer 0 is the safe
-    # choice (a larger k only makes the cap stronger).
-    return float(group["lr"]) * float(group.get("weight_decay", 0.0)) if _is_muon_group(group) else 0.0
+_decay = coupling.decay
+_is_muon_group = coupling.is_muon_group
+_ns_peak = coupling.ns_peak
+_muon_lr_ratio = coupling.muon_lr_ratio
+_MUON_KEYS = coupling.MUON_KEYS

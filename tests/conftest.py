@@ -75,6 +75,22 @@ def module_snapshot():
     return snapshot, assert_same_snapshot
 
 
+def tiny_qwen3_config(**overrides):
+    """A Hugging Face ``Qwen3Config`` small enough for CPU tests (2 layers, hidden 64, 4 query / 2 KV
+    heads of 16, MLP 128, vocab 256); ``overrides`` set further fields. Skips without transformers."""
+    transformers = pytest.importorskip("transformers")
+    fields = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    return transformers.Qwen3Config(**{**fields, **overrides})
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of many tiny ops (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""

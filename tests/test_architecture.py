@@ -30,6 +30,8 @@ LAYERS: dict[str, int] = {
     "msign.py": 0,
     "matrices.py": 0,
     "power.py": 0,
+    "coupling.py": 0,
+    "deprecation.py": 0,
     "constraints.py": 1,
     "methods.py": 1,
     "nn.py": 1,

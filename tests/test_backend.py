@@ -25,7 +25,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import fx_spectral
 from fx_spectral.graph import backend as backend_mod
-from fx_spectral.graph.backend import SpectralBackendConfig, backend, spectral_backend
+from fx_spectral.graph.backend import BackendConfig, backend, spectral_backend
 from fx_spectral.nn import default_dim
 
 
@@ -156,18 +156,18 @@ def test_options_from_torch_compile_are_honoured():
 def test_unknown_options_are_warned_about_by_name():
     with pytest.warns(UserWarning, match="'bogus'"):
         cfg = backend_mod._merge_options(
-            SpectralBackendConfig(inner="aot_eager"), {"options": {"bogus": 1, "eps": 1e-6}}
+            BackendConfig(inner="aot_eager"), {"options": {"bogus": 1, "eps": 1e-6}}
         )
     assert cfg.eps == 1e-6 and cfg.inner_options == {}
     # inductor config keys go to inductor, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cfg = backend_mod._merge_options(SpectralBackendConfig(), {"options": {"epilogue_fusion": False}})
+        cfg = backend_mod._merge_options(BackendConfig(), {"options": {"epilogue_fusion": False}})
     assert cfg.inner_options == {"epilogue_fusion": False}
     # ... and are warned about when the inner backend is not inductor
     with pytest.warns(UserWarning, match="'epilogue_fusion'.*'aot_eager'"):
         backend_mod._merge_options(
-            SpectralBackendConfig(), {"options": {"inner": "aot_eager", "epilogue_fusion": False}}
+            BackendConfig(), {"options": {"inner": "aot_eager", "epilogue_fusion": False}}
         )
 
 

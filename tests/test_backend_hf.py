@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_qwen3_config
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -29,17 +30,7 @@ def _fresh_dynamo():
 
 
 def _qwen3():
-    cfg = transformers.Qwen3Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        use_cache=False,
-    )
-    return transformers.Qwen3ForCausalLM(cfg)
+    return transformers.Qwen3ForCausalLM(tiny_qwen3_config(use_cache=False))
 
 
 def _bert():

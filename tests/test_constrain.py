@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from conftest import tiny_qwen3_config
 from torch import nn
 
 from fx_spectral import constraints as C
@@ -128,15 +129,7 @@ def test_caps_hold_after_training(name, bound):
 @pytest.fixture(scope="module")
 def qwen3():
     transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen3Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    )
+    config = tiny_qwen3_config()
     return lambda: transformers.Qwen3ForCausalLM(config)
 
 

@@ -8,14 +8,10 @@ what a user would see: the same weights after the same training steps, within 1e
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_on_ranks
 from torch import nn
 
 from fx_spectral.constrain import constrain
@@ -200,62 +196,36 @@ def _scenario_refuse_twice(rank, world, mesh, results):
         results[f"twice/{rank}"] = str(e)
 
 
-def _worker(rank, world, init_file, out_file):
-    import datetime
-    import sys
-    import traceback
+def _worker(rank, world):
+    """One rank's scenarios; rank 0 returns everyone's results (tests/spawned.py runs it)."""
+    from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5)
-    )
-    torch.set_num_threads(1)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        results: dict = {}
-        mesh = init_device_mesh("cpu", (world,))
-        for method, options in METHODS.items():  # (from the same start: weights outside the ball)
-            _scenario_fsdp(
-                rank, world, mesh, method, {**options, "initial_projection": False}, results, f"fsdp/{method}"
-            )
-        # with the initial projection (the default): it runs on the owner ranks, exactly
-        sgd = torch.optim.SGD
-        _scenario_fsdp(rank, world, mesh, "spectral_normalize", {"exact": True}, results, "fsdp/exact_normalize", sgd)
-        _scenario_fsdp(rank, world, mesh, "hard_cap", {}, results, "fsdp/initial_hard_cap", sgd)
-        if world == 4:
-            hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-            for method in ("spectral_hammer", "soft_cap"):
-                options = {**METHODS[method], "initial_projection": False}
-                _scenario_fsdp(rank, world, hsdp, method, options, results, f"hsdp/{method}")
-        _scenario_placements(rank, world, results)
-        if world == 2:
-            _scenario_all_or_nothing(rank, world, mesh, results)
-            _scenario_refuse_twice(rank, world, mesh, results)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            with open(out_file, "w") as f:
-                json.dump({k: v for r in gathered for k, v in r.items()}, f)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    # torch 2.13 + gloo: a spawned rank sometimes aborts at interpreter exit ("terminate called
-    # without an active exception", SIGABRT) even after destroy_process_group(); the results are
-    # on disk by now, so leave without running the interpreter's teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    results: dict = {}
+    mesh = init_device_mesh("cpu", (world,))
+    for method, options in METHODS.items():  # (from the same start: weights outside the ball)
+        _scenario_fsdp(
+            rank, world, mesh, method, {**options, "initial_projection": False}, results, f"fsdp/{method}"
+        )
+    # with the initial projection (the default): it runs on the owner ranks, exactly
+    sgd = torch.optim.SGD
+    _scenario_fsdp(rank, world, mesh, "spectral_normalize", {"exact": True}, results, "fsdp/exact_normalize", sgd)
+    _scenario_fsdp(rank, world, mesh, "hard_cap", {}, results, "fsdp/initial_hard_cap", sgd)
+    if world == 4:
+        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for method in ("spectral_hammer", "soft_cap"):
+            options = {**METHODS[method], "initial_projection": False}
+            _scenario_fsdp(rank, world, hsdp, method, options, results, f"hsdp/{method}")
+    _scenario_placements(rank, world, results)
+    if world == 2:
+        _scenario_all_or_nothing(rank, world, mesh, results)
+        _scenario_refuse_twice(rank, world, mesh, results)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    return {k: v for r in gathered for k, v in r.items()}
 
 
 def _run(world: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "results.json")
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "pg"), out), nprocs=world, join=True)
-        with open(out) as f:
-            return json.load(f)
+    return run_on_ranks(_worker, world)
 
 
 @pytest.fixture(scope="module")

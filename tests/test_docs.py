@@ -42,9 +42,9 @@ def _blocks() -> list:
 
 @pytest.fixture
 def _cheap_compile(monkeypatch):
-    from fx_spectral.graph.backend import SpectralBackendConfig
+    from fx_spectral.graph.backend import BackendConfig
 
-    monkeypatch.setitem(SpectralBackendConfig.__init__.__kwdefaults__, "inner", "eager")
+    monkeypatch.setitem(BackendConfig.__init__.__kwdefaults__, "inner", "eager")
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

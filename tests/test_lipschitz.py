@@ -227,3 +227,39 @@ def test_lipschitz_bound_agrees_with_certify_on_mlp():
     got, cert = lipschitz_bound(net), certify(net, torch.randn(4, 6)).bound
     assert got == pytest.approx(ref, rel=1e-12)
     assert cert == pytest.approx(got, rel=1e-6)
+
+
+def _sup(f, lo: float = 0.0, hi: float = 6.0) -> float:
+    """sup of a smooth function with one top on [lo, hi]: a dense float64 grid, then golden section."""
+    xs = torch.linspace(lo, hi, 200001, dtype=torch.float64)
+    i = int(torch.argmax(f(xs)))
+    a, b = float(xs[max(i - 1, 0)]), float(xs[min(i + 1, len(xs) - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    at = lambda x: float(f(torch.tensor(x, dtype=torch.float64)))  # noqa: E731
+    for _ in range(200):
+        c, d = b - g * (b - a), a + g * (b - a)
+        a, b = (a, d) if at(c) > at(d) else (c, b)
+    return at((a + b) / 2)
+
+
+def test_activation_slope_constants_are_the_exact_sup_rounded_up():
+    """The one slope table (lipschitz_bound and certify read it) holds the exact sup |f'|, rounded up."""
+    from fx_spectral import certify_rules, lipschitz
+
+    def d_gelu_tanh(x):
+        x = x.detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.gelu(x, approximate="tanh").sum(), x)
+        return g
+
+    r = math.sqrt(2)  # d/dx [x Phi(x)] = Phi(x) + x phi(x) peaks where phi(x) (2 - x^2) = 0
+    exact = {
+        "GELU_SLOPE": 0.5 * (1 + math.erf(r / math.sqrt(2))) + r * math.exp(-1.0) / math.sqrt(2 * math.pi),
+        "SILU_SLOPE": _sup(lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x)))),
+        "GELU_TANH_SLOPE": _sup(d_gelu_tanh),
+    }
+    for name, value in exact.items():
+        const = getattr(lipschitz, name)
+        assert value <= const < value * (1 + 1e-8), name
+        assert getattr(certify_rules, name) is const  # certify reads the same table
+    assert certify_rules.activation_module_slope is lipschitz.activation_module_slope
+    assert lipschitz.SELU_SLOPE == pytest.approx(1.0507009873554805 * 1.6732632423543772, rel=1e-15)

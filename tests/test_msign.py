@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import tempfile
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_on_ranks
 from torch import nn
 
 from fx_spectral import constraints as C
@@ -201,51 +194,31 @@ def test_constrain_with_msign_mode_caps_every_weight():
 # --------------------------------------------------------------------------------------------
 
 
-def _dtensor_worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+def _dtensor_worker(rank, world):
+    """Sharded hard cap (msign mode) vs one process, on every rank (tests/spawned.py runs it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(3)
-        ref = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Linear(20, 6, bias=False))
-        with torch.no_grad():
-            for p in ref.parameters():
-                p.mul_(5.0)
-        model = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Linear(20, 6, bias=False))
-        for dim, (mod, src) in enumerate(zip(model, ref)):  # Shard(0) on the first, Shard(1) on the second
-            mod.weight = nn.Parameter(distribute_tensor(src.weight.detach().clone(), mesh, [Shard(dim)]))
-        h_ref = constrain(ref, torch.optim.SGD(ref.parameters(), lr=0.0), "hard_cap", w_max=0.8, mode="msign")
-        h = constrain(model, torch.optim.SGD(model.parameters(), lr=0.0), "hard_cap", w_max=0.8, mode="msign")
-        h_ref.project()
-        h.project()
-        err = max((m.weight.full_tensor() - r.weight.detach()).abs().max().item() for m, r in zip(model, ref))
-        sig = max(v["sigma"] for v in h.report().values())
-        if rank == 0:
-            with open(out_file, "w") as f:
-                json.dump({"err": err, "sigma": sig, "placements": str(model[0].weight.placements)}, f)
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    # torch 2.13 + gloo: a spawned rank sometimes aborts at interpreter exit (SIGABRT) even after
-    # destroy_process_group(); the result is on disk, so leave without the interpreter's teardown
-    # (as tests/test_distributed.py's workers do).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(3)
+    ref = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Linear(20, 6, bias=False))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(5.0)
+    model = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Linear(20, 6, bias=False))
+    for dim, (mod, src) in enumerate(zip(model, ref)):  # Shard(0) on the first, Shard(1) on the second
+        mod.weight = nn.Parameter(distribute_tensor(src.weight.detach().clone(), mesh, [Shard(dim)]))
+    h_ref = constrain(ref, torch.optim.SGD(ref.parameters(), lr=0.0), "hard_cap", w_max=0.8, mode="msign")
+    h = constrain(model, torch.optim.SGD(model.parameters(), lr=0.0), "hard_cap", w_max=0.8, mode="msign")
+    h_ref.project()
+    h.project()
+    err = max((m.weight.full_tensor() - r.weight.detach()).abs().max().item() for m, r in zip(model, ref))
+    sig = max(v["sigma"] for v in h.report().values())
+    return {"err": err, "sigma": sig, "placements": str(model[0].weight.placements)}
 
 
 def test_dtensor_sharded_weights_match_single_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        mp.spawn(_dtensor_worker, args=(2, os.path.join(tmp, "pg"), out), nprocs=2, join=True)
-        with open(out) as f:
-            r = json.load(f)
+    r = run_on_ranks(_dtensor_worker, 2)
     assert "Shard(dim=0)" in r["placements"]
     assert r["err"] < 1e-5
     assert r["sigma"] <= 0.8 * (1 + 1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_qwen3_config
 
 from fx_spectral.constrain import constrain
 from fx_spectral.integrations.hf import qwen3_roles
@@ -25,17 +26,7 @@ def _one_thread():
 
 def _qwen3(tie: bool = False, seed: int = 0):
     torch.manual_seed(seed)
-    config = transformers.Qwen3Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=tie,
-    )
-    model = transformers.Qwen3ForCausalLM(config)
+    model = transformers.Qwen3ForCausalLM(tiny_qwen3_config(tie_word_embeddings=tie))
     with torch.no_grad():  # large enough that every cap engages
         for p in model.parameters():
             if p.ndim == 2:

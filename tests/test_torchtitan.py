@@ -4,16 +4,12 @@ CheckpointManager, a 2-rank gloo FSDP2 run against a single process."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_on_ranks
 
 pytest.importorskip("torchtitan")
 T = pytest.importorskip("fx_spectral.integrations.torchtitan")
@@ -310,55 +306,37 @@ def test_compile_backend_spectral_needs_non_flex_attention():
 # --- FSDP2, 2 ranks (gloo) vs one process ---------------------------------------------------------
 
 
-def _fsdp_worker(rank, world, init_file, out_file, method, options):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def _fsdp_worker(rank, world, method, options):
+    """FSDP2 training with the spectral hooks vs one process, on every rank (tests/spawned.py runs it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        config = T.SpectralConfig(method=method, w_max=1.0, w_max_mlp=2.0, **options)
-        spec = _spec()
-        batches = _batches(2, batch=2 * world, seed=5)
-        ref = _build(spec)
-        opt_ref, run_ref, _ = _hooked(spec, config, ref)
-        for tokens in batches:
-            _step(ref, opt_ref, tokens)
-        model = _build(spec)
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers.values():
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt, run, _ = _hooked(spec, config, model)
-        for tokens in batches:
-            _step(model, opt, tokens.chunk(world)[rank])
-        err = max((p.full_tensor() - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
-        metrics, metrics_ref = run.metrics(), run_ref.metrics()  # from the stored vectors
-        sig = max(abs(metrics[k] - metrics_ref[k]) for k in metrics_ref if k.startswith("spectral/sigma/"))
-        placements = str(next(iter(model.layers.values())).feed_forward.w1.weight.placements)
-        if rank == 0:
-            with open(out_file, "w") as f:
-                json.dump({"weights": err, "sigma": sig, "placements": placements, "n": len(metrics)}, f)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # torch 2.13 + gloo: a spawned rank aborts at interpreter exit (SIGABRT, "terminate called
-    # without an active exception") in ~15-20 % of runs; barrier, destroy, then leave at once.
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    config = T.SpectralConfig(method=method, w_max=1.0, w_max_mlp=2.0, **options)
+    spec = _spec()
+    batches = _batches(2, batch=2 * world, seed=5)
+    ref = _build(spec)
+    opt_ref, run_ref, _ = _hooked(spec, config, ref)
+    for tokens in batches:
+        _step(ref, opt_ref, tokens)
+    model = _build(spec)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt, run, _ = _hooked(spec, config, model)
+    for tokens in batches:
+        _step(model, opt, tokens.chunk(world)[rank])
+    err = max((p.full_tensor() - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    metrics, metrics_ref = run.metrics(), run_ref.metrics()  # from the stored vectors
+    sig = max(abs(metrics[k] - metrics_ref[k]) for k in metrics_ref if k.startswith("spectral/sigma/"))
+    placements = str(next(iter(model.layers.values())).feed_forward.w1.weight.placements)
+    return {"weights": err, "sigma": sig, "placements": placements, "n": len(metrics)}
 
 
 # Full-spectrum methods on FSDP2 shards are covered (all methods, 2 and 4 ranks) in test_distributed.py.
 @pytest.mark.parametrize("method,options", [("spectral_normalize", {"n_iter": 2})])
 def test_fsdp2_two_ranks_matches_single_process(method, options):
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "out.json")
-        mp.spawn(_fsdp_worker, args=(2, os.path.join(tmp, "pg"), out, method, options), nprocs=2, join=True)
-        with open(out) as f:
-            r = json.load(f)
+    r = run_on_ranks(_fsdp_worker, 2, method, options)
     assert "Shard(dim=0)" in r["placements"]
     assert r["weights"] < 1e-4, r
     assert r["sigma"] < 1e-4, r

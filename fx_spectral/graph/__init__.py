@@ -4,18 +4,30 @@
   re-exported from :mod:`fx_spectral.kinds`.
 - :mod:`fx_spectral.graph.rewrite`: :func:`insert_normalization` / :func:`find_weight_uses`, the
   primitive shared by the transform and the torch.compile backend.
-- :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs)
-  and :func:`spectral_pass` (the in-place, one-graph pass for exported graphs).
+- :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
+  its :class:`TransformConfig`, and :func:`spectral_pass` (the in-place, one-graph pass for
+  exported graphs).
 - :mod:`fx_spectral.graph.bake`: :func:`bake` (fold 1/sigma into the weights for deployment).
+- :mod:`fx_spectral.graph.backend`: the torch.compile backend ``"spectral"`` and its
+  :class:`BackendConfig` (``fx_spectral.graph.BackendConfig`` loads the backend module on first use).
+
+``SpectralConfig`` and ``SpectralBackendConfig`` are the old names of :class:`TransformConfig` and
+:class:`BackendConfig`: they still work for one release and warn (DeprecationWarning). The
+TorchTitan integration's ``SpectralConfig`` (its ``--spectral.*`` section) is another class and
+keeps its name.
 """
 
+import importlib as _importlib
+
+from fx_spectral.deprecation import renamed
 from fx_spectral.graph.bake import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
-from fx_spectral.graph.transform import SpectralConfig, SpectralGraphModule, spectral_pass, transform
+from fx_spectral.graph.transform import SpectralGraphModule, TransformConfig, spectral_pass, transform
 
 __all__ = [
-    "SpectralConfig",
+    "BackendConfig",
     "SpectralGraphModule",
+    "TransformConfig",
     "bake",
     "find_weight_uses",
     "insert_normalization",
@@ -24,3 +36,17 @@ __all__ = [
     "spectral_pass",
     "transform",
 ]
+
+
+def _resolve(name: str):
+    if name == "BackendConfig":  # lazily: the backend module imports dynamo's machinery
+        return _importlib.import_module("fx_spectral.graph.backend").BackendConfig
+    return globals()[name]
+
+
+#: the old names (they warn), then BackendConfig (loaded on first use, no warning).
+_renamed = renamed(__name__, {"SpectralConfig": "TransformConfig", "SpectralBackendConfig": "BackendConfig"}, _resolve)
+
+
+def __getattr__(name: str):
+    return _resolve(name) if name == "BackendConfig" else _renamed(name)

@@ -47,13 +47,13 @@ from fx_spectral.graph.compiled import Slot, SpectralGraph, inner_compile
 from fx_spectral.graph.operator import conv_consumers
 from fx_spectral.graph.owners import ensure_uv, remember_roots, wanted
 
-__all__ = ["SpectralBackendConfig", "backend", "prepare", "spectral_backend"]
+__all__ = ["BackendConfig", "backend", "prepare", "spectral_backend"]
 
 BACKEND_NAME = "spectral"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SpectralBackendConfig:
+class BackendConfig:
     """Configuration of the ``"spectral"`` backend (frozen; validated at creation).
 
     Args:
@@ -121,7 +121,7 @@ class SpectralBackendConfig:
 _NORM_MODES = ("matrix", "operator")
 
 
-_CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(SpectralBackendConfig))
+_CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(BackendConfig))
 
 
 class SpectralBackend:
@@ -129,7 +129,7 @@ class SpectralBackend:
 
     __name__ = BACKEND_NAME  # what torch.compile shows for a callable backend
 
-    def __init__(self, config: SpectralBackendConfig):
+    def __init__(self, config: BackendConfig):
         self.config = config
 
     def __repr__(self) -> str:
@@ -191,7 +191,7 @@ def backend(
         ['0.bias', '0.weight', '0.weight_u', '0.weight_v', '2.bias', '2.weight', '2.weight_u', '2.weight_v']
     """
     return SpectralBackend(
-        SpectralBackendConfig(
+        BackendConfig(
             inner=inner,
             n_power_iterations=n_power_iterations,
             eps=eps,
@@ -203,7 +203,7 @@ def backend(
     )
 
 
-def _merge_options(config: SpectralBackendConfig, options: Mapping[str, Any]) -> SpectralBackendConfig:
+def _merge_options(config: BackendConfig, options: Mapping[str, Any]) -> BackendConfig:
     """``config`` updated by ``torch.compile(..., mode=..., options={...})`` / keyword options.
 
     Keys that name a config field are honoured; the rest go to inductor as config options when the
@@ -230,7 +230,7 @@ def _merge_options(config: SpectralBackendConfig, options: Mapping[str, Any]) ->
                     stacklevel=3,
                 )
         fields["inner_options"] = {**(fields["inner_options"] or {}), **passed}
-    return SpectralBackendConfig(**fields)
+    return BackendConfig(**fields)
 
 
 def _inductor_option_names() -> frozenset[str]:
@@ -246,7 +246,7 @@ def spectral_backend(gm: torch.fx.GraphModule, example_inputs: list, **options) 
     """The ``"spectral"`` backend with default settings (the ``torch_dynamo_backends`` entry point).
 
     ``torch.compile(model, backend="spectral", mode=..., options={...})`` passes ``mode`` and
-    ``options`` here: keys of :class:`SpectralBackendConfig` (``n_power_iterations``, ``eps``,
+    ``options`` here: keys of :class:`BackendConfig` (``n_power_iterations``, ``eps``,
     ``inner``, ``filter_fn``, ``name``) configure the normalization, inductor config keys go to
     inductor, anything else is warned about.
 
@@ -256,7 +256,7 @@ def spectral_backend(gm: torch.fx.GraphModule, example_inputs: list, **options) 
     """
     global _DEFAULT
     if _DEFAULT is None:
-        _DEFAULT = SpectralBackend(SpectralBackendConfig())
+        _DEFAULT = SpectralBackend(BackendConfig())
     return _DEFAULT(gm, example_inputs, **options)
 
 
@@ -326,7 +326,7 @@ def _compile_roots(nodes: list[torch.fx.Node]) -> list[nn.Module]:
     return roots + [m for m in local_modules if all(m is not r for r in roots)]
 
 
-def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> list[Slot]:
+def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: BackendConfig) -> list[Slot]:
     """The Parameter inputs of ``gm`` that feed a linear / conv / conv_transpose op as its weight.
 
     Directly or through an activation-checkpoint subgraph. Reads the graph, changes nothing; warns
@@ -461,10 +461,10 @@ def prepare(
         >>> prepare(model).load_state_dict(checkpoint)  # doctest: +SKIP
         >>> compiled = torch.compile(model, backend="spectral")  # doctest: +SKIP
     """
-    return _prepare(model, SpectralBackendConfig(inner="eager", name=name, filter_fn=filter_fn, eps=eps))
+    return _prepare(model, BackendConfig(inner="eager", name=name, filter_fn=filter_fn, eps=eps))
 
 
-def _prepare(model: nn.Module, config: SpectralBackendConfig) -> nn.Module:
+def _prepare(model: nn.Module, config: BackendConfig) -> nn.Module:
     from fx_spectral.nn import SUPPORTED_MODULES, default_dim
 
     if not isinstance(model, nn.Module):
@@ -509,7 +509,7 @@ def _is_dynamic(gm: torch.fx.GraphModule, example_inputs: list) -> bool:
     )
 
 
-def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: SpectralBackendConfig) -> Callable:
+def _compile_graph(gm: torch.fx.GraphModule, example_inputs: list, config: BackendConfig) -> Callable:
     """Normalize the weights of one dynamo graph and compile it with the inner backend."""
     dynamic = _is_dynamic(gm, example_inputs)
     slots = _plan(gm, example_inputs, config)
@@ -539,3 +539,8 @@ def _register() -> None:
 
 _register()
 
+
+# Old names (one release): they warn and give the same class.
+from fx_spectral.deprecation import renamed  # noqa: E402
+
+__getattr__ = renamed(__name__, {"SpectralBackendConfig": "BackendConfig"}, globals())

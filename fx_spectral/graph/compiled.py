@@ -26,7 +26,7 @@ from fx_spectral.graph.operator import CONV_T_TYPES, CONV_TYPES, ensure_operator
 from fx_spectral.graph.owners import ensure_uv, find_owners, wanted
 
 if TYPE_CHECKING:
-    from fx_spectral.graph.backend import SpectralBackendConfig
+    from fx_spectral.graph.backend import BackendConfig
 
 __all__ = ["Slot", "SpectralGraph", "inner_compile", "static_fakes"]
 
@@ -58,7 +58,7 @@ def _rewritten(
     slots: list[Slot],
     labels: list[str],
     mode: tuple[bool | None, ...],
-    config: SpectralBackendConfig,
+    config: BackendConfig,
     specs: list[tuple | None] | None = None,
 ) -> torch.fx.GraphModule:
     """``gm`` with the weights of ``mode`` (True: training, False: eval, None: left alone) normalized.
@@ -114,7 +114,7 @@ def _rewritten(
     return new_gm
 
 
-def inner_compile(config: SpectralBackendConfig, gm: torch.fx.GraphModule, inputs: list, dynamic: bool) -> Callable:
+def inner_compile(config: BackendConfig, gm: torch.fx.GraphModule, inputs: list, dynamic: bool) -> Callable:
     if config._inductor:
         from torch._inductor.compile_fx import compile_fx
 

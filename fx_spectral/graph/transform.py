@@ -38,13 +38,13 @@ from fx_spectral.graph.operator import (
 from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, lowering_blocker
 
-__all__ = ["SpectralConfig", "SpectralGraphModule", "transform", "spectral_pass"]
+__all__ = ["TransformConfig", "SpectralGraphModule", "transform", "spectral_pass"]
 
 _BACKEND_HINT = 'torch.compile(model, backend="spectral")'
 
 
 @dataclass(frozen=True, kw_only=True)
-class SpectralConfig:
+class TransformConfig:
     """What the pass normalizes and how.
 
     Args:
@@ -108,7 +108,7 @@ class SpectralGraphModule(GraphModule):
     (``torch.save(gm)``) keep both modes; ``filter_fn`` is not pickled.
     """
 
-    def __init__(self, root: nn.Module, plain_graph: Graph, weights: tuple[_Weight, ...], config: SpectralConfig):
+    def __init__(self, root: nn.Module, plain_graph: Graph, weights: tuple[_Weight, ...], config: TransformConfig):
         # NB: set before GraphModule.__init__, whose graph assignment calls recompile().
         self.__dict__["_sn_plain_graph"] = plain_graph
         self.__dict__["_sn_weights"] = tuple(weights)
@@ -292,7 +292,7 @@ def _trace(model: nn.Module, concrete_args) -> Graph:
     return graph
 
 
-def _lower_leaves(gm: nn.Module, graph: Graph, cfg: SpectralConfig) -> list[nn.Module]:
+def _lower_leaves(gm: nn.Module, graph: Graph, cfg: TransformConfig) -> list[nn.Module]:
     """Turn the module leaves into functional ops on get_attr weights; returns those left to the eager API."""
     # NB: edits graph in place (the modules are not touched here).
     deferred = []
@@ -332,7 +332,7 @@ def _merge_get_attrs(graph: Graph) -> None:
             first[node.target] = node
 
 
-def _plan(root: nn.Module, graph: Graph, cfg: SpectralConfig, shapes: dict | None = None) -> tuple[_Weight, ...]:
+def _plan(root: nn.Module, graph: Graph, cfg: TransformConfig, shapes: dict | None = None) -> tuple[_Weight, ...]:
     """The get_attr weights of ``graph`` to normalize, validated (nothing is mutated).
 
     ``shapes``: operator mode, node name -> its output's shape (from ``example_inputs``), or None.
@@ -429,7 +429,7 @@ def _check_existing_uv(owner: nn.Module, attr: str, weight: torch.Tensor, dim: i
     P.check_uv(owner, attr, weight, dim, f"transform: {where}")
 
 
-def _commit(root: nn.Module, plan: tuple[_Weight, ...], deferred: list[nn.Module], cfg: SpectralConfig) -> None:
+def _commit(root: nn.Module, plan: tuple[_Weight, ...], deferred: list[nn.Module], cfg: TransformConfig) -> None:
     """Create the u/v buffers (reusing existing ones) and hand the deferred leaves to the eager API."""
     # NB: mutates the model's modules: float32 buffers {attr}_u / {attr}_v on each owner.
     for w in plan:
@@ -448,7 +448,7 @@ def _commit(root: nn.Module, plan: tuple[_Weight, ...], deferred: list[nn.Module
         sn.spectral_norm(module, "weight", n_power_iterations=cfg.n_power_iterations, eps=cfg.eps, mode=cfg.mode)
 
 
-def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: SpectralConfig, training: bool) -> None:
+def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: TransformConfig, training: bool) -> None:
     # NB: edits graph in place.
     targets = {w.target: w for w in plan}
     for w, uses in find_weight_uses(graph).items():
@@ -472,7 +472,7 @@ def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: Spec
     graph.lint()
 
 
-def _rewrite_operator(root, graph: Graph, w, uses, info: _Weight, cfg: SpectralConfig, training: bool) -> None:
+def _rewrite_operator(root, graph: Graph, w, uses, info: _Weight, cfg: TransformConfig, training: bool) -> None:
     # NB: edits graph in place: one operator_weight node before the conv, fed to it.
     op = uses[0][0]
     x = conv_module_input(op, root.get_submodule(info.owner))
@@ -515,7 +515,7 @@ def spectral_pass(
         >>> gm = spectral_pass(ep.module())  # training graph: updates gm's u/v buffers
         >>> ep2 = torch.export.export(gm, (x,))  # re-export with the normalization inside
     """
-    cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps)
+    cfg = TransformConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps)
     deferred = _lower_leaves(gm, gm.graph, cfg)
     _merge_get_attrs(gm.graph)
     plan = _plan(gm, gm.graph, cfg)
@@ -588,7 +588,7 @@ def transform(
         >>> sorted(k for k in gm.state_dict() if k.endswith(("_u", "_v")))
         ['0.weight_u', '0.weight_v', '2.weight_u', '2.weight_v']
     """
-    cfg = SpectralConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps, mode=mode)
+    cfg = TransformConfig(filter_fn=filter_fn, name=name, n_power_iterations=n_power_iterations, eps=eps, mode=mode)
     if example_inputs is not None and mode != "operator":
         raise ValueError(f"transform: example_inputs is only used with mode='operator', got mode={mode!r}")
     if isinstance(model, SpectralGraphModule):
@@ -623,3 +623,9 @@ def _install_owners(out: GraphModule, root: nn.Module, plan: tuple[_Weight, ...]
         setattr(out.get_submodule(parent_path), child, root.get_submodule(path))
 
 
+
+
+# Old names (one release): they warn and give the same class (TorchTitan's SpectralConfig is another class).
+from fx_spectral.deprecation import renamed  # noqa: E402
+
+__getattr__ = renamed(__name__, {"SpectralConfig": "TransformConfig"}, globals())
