@@ -235,7 +235,7 @@ class _DivideBySigma(torch.autograd.Function):
         if torch.is_grad_enabled():
             w_bar = _divide(weight, _sigma_with_grad(weight, u, v, sigma, ctx.dim))
             return torch.autograd.grad(w_bar, weight, grad, create_graph=True)[0], None, None, None, None
-        g = grad.to(sigma.dtype)
+        g = grad if grad.dtype == sigma.dtype else grad.to(sigma.dtype)
         # c = <G, W/sigma>: the part of G along the direction that only rescales W.
         if out.dtype == sigma.dtype:
             c = torch.dot(g.reshape(-1), out.reshape(-1))
@@ -244,7 +244,7 @@ class _DivideBySigma(torch.autograd.Function):
         grad_w = g / sigma
         # NB: in place on the fresh grad_w: grad_w -= (c / sigma) u v^T, in the matrix view.
         _add_outer_(grad_w, u * (c / sigma), v, ctx.dim, alpha=-1.0)
-        return grad_w.to(grad.dtype), None, None, None, None
+        return grad_w if grad_w.dtype == grad.dtype else grad_w.to(grad.dtype), None, None, None, None
 
 
 def _sigma_with_grad(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
