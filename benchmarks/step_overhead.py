@@ -10,6 +10,12 @@ Run::
     python benchmarks/step_overhead.py                 # all models, 21 rounds
     python benchmarks/step_overhead.py --quick         # smoke run (a few rounds)
     python benchmarks/step_overhead.py --models mlp gpt --rounds 30 --markdown out.md
+    python benchmarks/step_overhead.py --device cuda --autocast bf16   # GPU (benchmarks/gpu.sh)
+
+Besides the times and ratios it prints a "targets" table: each performance target of the project
+(best fx_spectral vs best plain, the "spectral" backend vs plain inductor and vs torch's
+spectral_norm under inductor, fx_spectral eager vs torch's spectral_norm eager and vs plain eager,
+first-call compile time) per model, with the measured ratio and whether it is met.
 
 Adding a variant is one entry in ``VARIANTS``: a function ``builder(model) -> forward`` that may
 modify ``model`` in place and returns the callable run as the forward (the model itself, or a
@@ -227,10 +233,48 @@ VARIANTS: dict[str, Callable[[nn.Module], Callable]] = {
 PLAIN = ("plain eager", "plain inductor")
 #: Variants whose first call compiles (their first-call time is reported).
 COMPILED_MARKERS = ("inductor", "backend", "compile")
+#: fx_spectral's variants (the "best fx_spectral" of a model is the fastest of these that ran).
+SPECTRAL = tuple(n for n in VARIANTS if n.startswith("fx_spectral") or n == 'backend="spectral"')
 
 
-def make_step(model: nn.Module, forward: Callable, case: Case) -> Callable[[], None]:
-    """One SGD training step over fixed inputs; the optimizer covers the model's (and forward's) parameters."""
+@dataclass(frozen=True)
+class Target:
+    """A performance target: the best (lowest) of ``num`` over the best of ``den`` must be ``<= limit``
+    (``< limit`` if ``strict``), per model (``models``: only those), on step times or first-call times."""
+
+    label: str
+    num: tuple[str, ...]
+    den: tuple[str, ...]
+    limit: float
+    strict: bool = False
+    first_call: bool = False
+    models: tuple[str, ...] | None = None
+
+
+#: The project's performance targets (issue 12), checked by the "targets" table.
+TARGETS = (
+    Target("best fx_spectral ≤ 1.05× best plain", SPECTRAL, PLAIN, 1.05),
+    Target('backend="spectral" ≤ 1.05× plain inductor', ('backend="spectral"',), ("plain inductor",), 1.05),
+    Target('backend="spectral" faster than torch SN inductor', ('backend="spectral"',), ("torch SN inductor",), 1.0,
+           strict=True),
+    Target("fx_spectral eager ≥ 5% faster than torch SN eager (≤ 0.95×)", ("fx_spectral eager",),
+           ("torch SN eager",), 0.95),
+    Target("fx_spectral eager ≤ 1.15× plain eager (MLP)", ("fx_spectral eager",), ("plain eager",), 1.15,
+           models=("mlp",)),
+    Target('first call (caches off): backend="spectral" ≤ 1.2× plain inductor', ('backend="spectral"',),
+           ("plain inductor",), 1.2, first_call=True),
+)
+
+
+def make_step(
+    model: nn.Module, forward: Callable, case: Case, device: str = "cpu", autocast: str = "none"
+) -> Callable[[], None]:
+    """One SGD training step over fixed inputs; the optimizer covers the model's (and forward's) parameters.
+
+    ``model`` must already be on ``device``; the batch is moved there. ``autocast="bf16"`` runs the
+    forward and the loss under ``torch.autocast(device, torch.bfloat16)`` (weights, gradients and
+    the SGD step stay float32, as in mixed-precision training).
+    """
     params = {id(p): p for p in model.parameters()}
     if isinstance(forward, nn.Module):
         params.update({id(p): p for p in forward.parameters()})
@@ -238,14 +282,23 @@ def make_step(model: nn.Module, forward: Callable, case: Case) -> Callable[[], N
     model.train()
     if isinstance(forward, nn.Module):
         forward.train()
-    x, y = case.make_batch()
+    x, y = (t.to(device) for t in case.make_batch())
+    amp = autocast == "bf16"
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        case.loss(forward(x), y).backward()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            loss = case.loss(forward(x), y)
+        loss.backward()
         opt.step()
 
     return step
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously): call before reading a clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,17 +328,21 @@ def bench_case(
     warmup: int,
     round_s: float,
     clock: Callable[[], float] = time.perf_counter,
+    device: str = "cpu",
+    autocast: str = "none",
 ) -> dict[str, Result]:
     torch.manual_seed(0)
-    base = case.make_model()
+    base = case.make_model().to(device)
     steps: dict[str, Callable[[], None]] = {}
     results: dict[str, Result] = {}
     for name, builder in variants.items():
         model = copy.deepcopy(base)
         torch.manual_seed(0)
-        step = make_step(model, builder(model), case)
+        step = make_step(model, builder(model), case, device, autocast)
+        synchronize(device)
         t0 = time.perf_counter()
         step()  # first call: compiles for compiled variants
+        synchronize(device)
         first = time.perf_counter() - t0
         for _ in range(warmup):
             step()
@@ -296,8 +353,10 @@ def bench_case(
     # Steps per round and variant: enough to fill about round_s, from a quick estimate.
     inner: dict[str, int] = {}
     for name, step in steps.items():
+        synchronize(device)
         t0 = time.perf_counter()
         step()
+        synchronize(device)
         est = time.perf_counter() - t0
         inner[name] = max(1, min(200, math.ceil(round_s / max(est, 1e-5))))
     n_inner = min(inner.values())  # same count for every variant: equal exposure to noise
@@ -307,14 +366,16 @@ def bench_case(
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             step = steps[name]
+            synchronize(device)
             t0 = clock()
             for _ in range(n_inner):
                 step()
+            synchronize(device)
             results[name].per_round_ms.append((clock() - t0) * 1e3 / n_inner)
     return results
 
 
-def machine_info() -> str:
+def machine_info(device: str = "cpu", autocast: str = "none") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -324,11 +385,16 @@ def machine_info() -> str:
                     break
     except OSError:
         pass
-    return (
+    info = (
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
         f"Python {platform.python_version()}; {cpu}; {os.cpu_count()} logical CPUs, "
         f"torch threads {torch.get_num_threads()}"
     )
+    if torch.device(device).type == "cuda":
+        info += f"; device {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    if autocast != "none":
+        info += f"; autocast {autocast}"
+    return info
 
 
 def _load() -> str:
@@ -338,14 +404,57 @@ def _load() -> str:
         return "load average unknown"
 
 
+def _check(target: Target, res: dict[str, Result], stat: str) -> tuple[float, str, bool] | None:
+    """(ratio, the winning numerator variant, met) of ``target`` on one model's results; None if not run."""
+
+    def value(name: str) -> float:
+        return res[name].first_call_s if target.first_call else res[name].stat(stat)
+
+    num = [n for n in target.num if n in res]
+    den = [n for n in target.den if n in res]
+    if not num or not den:
+        return None
+    best = min(num, key=value)
+    ratio = value(best) / min(value(n) for n in den)
+    return ratio, best, ratio < target.limit if target.strict else ratio <= target.limit
+
+
+def targets_table(all_results: dict[str, dict[str, Result]], stat: str = "median") -> list[str]:
+    """Markdown lines: one row per target, one column per model, each cell the ratio and met / MISSED."""
+    keys = list(all_results)
+    lines = ["| target | " + " | ".join(CASES[k].title for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    met = total = 0
+    for target in TARGETS:
+        cells = []
+        for key in keys:
+            got = None if target.models and key not in target.models else _check(target, all_results[key], stat)
+            if got is None:
+                cells.append("–")
+                continue
+            ratio, best, ok = got
+            met, total = met + ok, total + 1
+            which = f" ({best})" if len(target.num) > 1 else ""
+            cells.append(f"{ratio:.2f}×{which} {'met' if ok else '**MISSED**'}")
+        lines.append(f"| {target.label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"{met} of {total} checked targets met (– : a variant it needs did not run, or another model).")
+    return lines
+
+
 def markdown(
-    all_results: dict[str, dict[str, Result]], rounds: int, stat: str = "median", load: str = "", clock: str = "wall"
+    all_results: dict[str, dict[str, Result]],
+    rounds: int,
+    stat: str = "median",
+    load: str = "",
+    clock: str = "wall",
+    device: str = "cpu",
+    autocast: str = "none",
 ) -> str:
-    """The results as Markdown tables: ms per step, ratios, first-call times."""
+    """The results as Markdown tables: ms per step, ratios, first-call times, targets met or missed."""
     names = list(next(iter(all_results.values())))
     what = "Median" if stat == "median" else "Fastest"
     lines = [
-        f"Machine: {machine_info()}; {load or _load()}.",
+        f"Machine: {machine_info(device, autocast)}; {load or _load()}.",
         "",
         f"{what} of {rounds} interleaved rounds, ms per training step (forward + backward + SGD step), "
         + ("wall clock:" if clock == "wall" else "process CPU time:"),
@@ -371,6 +480,8 @@ def markdown(
         lines.append("|---|" + "---|" * len(compiled))
         for key, res in all_results.items():
             lines.append(f"| {CASES[key].title} | " + " | ".join(f"{res[n].first_call_s:.1f}" for n in compiled) + " |")
+    lines += ["", f"Targets ({what.lower()} step times; first call: wall clock):", ""]
+    lines += targets_table(all_results, stat)
     return "\n".join(lines) + "\n"
 
 
@@ -395,25 +506,56 @@ def main(argv: list[str] | None = None) -> None:
         help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other load)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--autocast",
+        choices=("none", "bf16"),
+        default="none",
+        help="bf16: forward and loss under torch.autocast(device, bfloat16) (mixed precision)",
+    )
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables (Markdown) to PATH")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r}: {e}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(
+                f"--device {args.device}: no CUDA device is available (torch {torch.__version__}, "
+                f"built with CUDA {torch.version.cuda}; torch.cuda.is_available() is False)"
+            )
+        if args.clock == "cpu":
+            parser.error("--clock cpu measures this process's CPU time, not the GPU's work: use --clock wall on CUDA")
     if args.quick:
         args.rounds, args.warmup, args.round_seconds = 3, 1, 0.02
     variants = {name: VARIANTS[name] for name in args.variants}
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+    if any(m in name for name in variants for m in COMPILED_MARKERS):
+        # Inductor's one-time process start-up (imports, compile workers) off the first model's clock,
+        # so that every compiled variant's first call measures its own compile.
+        torch.compile(lambda t: t * 2)(torch.ones(2, device=device))
+        synchronize(args.device)
 
     load_before = _load()
-    print(machine_info(), load_before, flush=True)
+    print(machine_info(args.device, args.autocast), load_before, flush=True)
     all_results: dict[str, dict[str, Result]] = {}
     for key in args.models:
         print(f"{CASES[key].title}:", flush=True)
-        all_results[key] = res = bench_case(CASES[key], variants, args.rounds, args.warmup, args.round_seconds, clock)
+        all_results[key] = res = bench_case(
+            CASES[key], variants, args.rounds, args.warmup, args.round_seconds, clock, args.device, args.autocast
+        )
         for name, r in res.items():
             spread = f"{min(r.per_round_ms):.3g}-{max(r.per_round_ms):.3g}"
             print(f"  {name:<28} median {r.median_ms:8.3f} ms  (range {spread})", flush=True)
-    table = markdown(all_results, args.rounds, args.stat, f"{load_before} before, {_load()[13:]} after", args.clock)
+    table = markdown(
+        all_results, args.rounds, args.stat, f"{load_before} before, {_load()[13:]} after", args.clock, args.device,
+        args.autocast,
+    )
     print()
     print(table)
     if args.markdown:

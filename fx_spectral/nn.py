@@ -238,7 +238,7 @@ class _DivideBySigma(torch.autograd.Function):
         if torch.is_grad_enabled():
             w_bar = _divide(weight, _sigma_with_grad(weight, u, v, sigma, ctx.dim))
             return torch.autograd.grad(w_bar, weight, grad, create_graph=True)[0], None, None, None, None
-        g = grad.to(sigma.dtype)
+        g = grad if grad.dtype == sigma.dtype else grad.to(sigma.dtype)
         # c = <G, W/sigma>: the part of G along the direction that only rescales W.
         if out.dtype == sigma.dtype:
             c = torch.dot(g.reshape(-1), out.reshape(-1))
@@ -247,7 +247,7 @@ class _DivideBySigma(torch.autograd.Function):
         grad_w = g / sigma
         # NB: in place on the fresh grad_w: grad_w -= (c / sigma) u v^T, in the matrix view.
         _add_outer_(grad_w, u * (c / sigma), v, ctx.dim, alpha=-1.0)
-        return grad_w.to(grad.dtype), None, None, None, None
+        return grad_w if grad_w.dtype == grad.dtype else grad_w.to(grad.dtype), None, None, None, None
 
 
 def _sigma_with_grad(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
@@ -384,17 +384,17 @@ class _OpOverSigma(torch.autograd.Function):
             z = F.linear(x, weight)
         else:
             z = torch.ops.aten.convolution(x, weight, None, *conv_args)
-        z_over_sigma = z.div_(sigma)
-        ctx.save_for_backward(x, weight, u, v, sigma, z_over_sigma)
-        ctx.dim, ctx.conv_args, ctx.has_bias = dim, conv_args, bias is not None
+        # The raw z is saved (backward needs <G, z>), the output is a fresh tensor: an in-place op on
+        # it (ReLU(inplace=True)) leaves the saved one alone. One output-sized pass: z / sigma + b.
+        ctx.save_for_backward(x, weight, u, v, sigma, z)
+        ctx.dim, ctx.conv_args = dim, conv_args
         if bias is None:
-            # NB: a copy, so an in-place op on the output (ReLU(inplace=True)) leaves the saved one alone.
-            return z_over_sigma.clone()
-        return z_over_sigma + (bias if conv_args is None else bias.view(-1, *[1] * (z.dim() - 2)))
+            return z / sigma
+        return torch.addcdiv(bias if conv_args is None else bias.view(-1, *[1] * (z.dim() - 2)), z, sigma)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, weight, u, v, sigma, z_over_sigma = ctx.saved_tensors
+        x, weight, u, v, sigma, z = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
             # create_graph=True (R1 / WGAN-GP penalties): differentiate a recomputation instead,
@@ -429,7 +429,7 @@ class _OpOverSigma(torch.autograd.Function):
             if need_b:
                 grad_b = grad.sum([d for d in range(grad.dim()) if d != 1])
         if need_w:
-            c = torch.dot(g.reshape(-1), z_over_sigma.reshape(-1))  # <G, z> / sigma^2
+            c = torch.dot(g.reshape(-1), z.reshape(-1)).div_(sigma)  # <G, z> / sigma^2
             # NB: in place on the fresh weight gradient: grad_w -= c u v^T in the matrix view.
             _add_outer_(grad_w, u * c, v, ctx.dim, alpha=-1.0)
         return grad_x, grad_w, grad_b, None, None, None, None, None
