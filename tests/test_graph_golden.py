@@ -206,10 +206,10 @@ def forward(self, x):
     layer_weight_W_v = torch.ops.aten.mv.default(layer_weight, layer_weight_v_new)
     layer_weight_uWv = torch.ops.aten.dot.default(layer_weight_u_new, layer_weight_W_v)
     layer_weight_sigma = torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
-    layer_weight_normalized = torch.ops.aten.div.Tensor(layer_weight, layer_weight_sigma)
     _guards_fn = self._guards_fn(x)
-    linear = torch.ops.aten.linear.default(x, layer_weight_normalized)
-    return pytree.tree_unflatten((linear,), self._out_spec)""")
+    linear = torch.ops.aten.linear.default(x, layer_weight)
+    linear_over_sigma = torch.ops.aten.div.Tensor(linear, layer_weight_sigma)
+    return pytree.tree_unflatten((linear_over_sigma,), self._out_spec)""")
 
     def test_bf16_weights(self):
         gm = transform(Net(nn.Linear(4, 3, bias=False).to(torch.bfloat16)))
