@@ -33,7 +33,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch.fx import Graph, Node
 
@@ -171,12 +171,49 @@ class _Emitter:
         # call_method "copy_" would be removed as dead code (its result is unused).
         return self._fn(aten.copy_.default, (dst, src), suffix)
 
-    def normalize_or_keep(self, t: Node, old: Node, eps: float, name: str) -> Node:
-        # nn._normalize_or_keep: torch.where(||t|| > eps, t / ||t||, old): a zero weight keeps u/v.
+    def normalize_or_keep(self, t: Node, old: Node, eps: float, name: str) -> tuple[Node, Node]:
+        # nn._normalize_or_keep: (torch.where(||t|| > eps, t / ||t||, old), ||t||): a zero weight keeps u/v.
         norm = self.norm(t, f"{name}_norm")
         ok = self.gt(norm, eps, f"{name}_nonzero")
         unit = self.div(t, norm, f"{name}_unit")
-        return self.where(ok, unit, old, name)
+        return self.where(ok, unit, old, name), norm
+
+
+class _RankOneGrad(torch.autograd.Function):
+    """``max(norm, eps)`` with the gradient of ``u^T W v`` w.r.t. ``W`` (``u``, ``v`` constants): ``g u v^T``."""
+
+    @staticmethod
+    def forward(w_mat: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float) -> Tensor:
+        return norm.clamp_min(eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, u, v, _, _ = inputs
+        ctx.save_for_backward(u, v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, v = ctx.saved_tensors
+        return grad * torch.outer(u, v), None, None, None, None
+
+
+def sigma_of(w_mat: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float) -> Tensor:
+    r"""``sigma = max(||W^\top u||, eps)`` from the power iteration's last norm, differentiable in ``W``.
+
+    After a power-iteration step :math:`v' = W^\top u' / \lVert W^\top u'\rVert`, so
+    :math:`u'^\top W v' = \lVert W^\top u'\rVert`: the value needs no further pass over ``W`` (it
+    is the value the eager API uses), and its gradient w.r.t. ``W`` with u'/v' held constant is
+    :math:`u' v'^\top` (the rank-one term; ``W`` enters only through ``w_mat``, the matrix view).
+
+    Example::
+
+        >>> w = torch.randn(4, 3, requires_grad=True)
+        >>> u, v = torch.randn(4), torch.randn(3)
+        >>> sigma_of(w, u, v, torch.tensor(2.0), 1e-12).backward()
+        >>> torch.allclose(w.grad, torch.outer(u, v))
+        True
+    """
+    return _RankOneGrad.apply(w_mat, u, v, norm, eps)
 
 
 def _insert_point(graph: Graph, nodes: list[Node]) -> Node:
@@ -361,13 +398,18 @@ def _emit_sigma(e: _Emitter, weight, u, v, dim, n_power_iterations, eps, trainin
         mat_ng = e.detach(mat, "nograd")
         mat_t = e.t(mat_ng, "nograd_t")
         for _ in range(n_power_iterations):
-            u_cur = e.normalize_or_keep(e.mv(mat_ng, v_cur, "Wv"), u_cur, eps, "u_new")
-            v_cur = e.normalize_or_keep(e.mv(mat_t, u_cur, "Wtu"), v_cur, eps, "v_new")
+            u_cur, _ = e.normalize_or_keep(e.mv(mat_ng, v_cur, "Wv"), u_cur, eps, "u_new")
+            v_cur, norm = e.normalize_or_keep(e.mv(mat_t, u_cur, "Wtu"), v_cur, eps, "v_new")
         # NB: in-place update of the u/v buffers; sigma below uses the fresh tensors, not the buffers
         e.copy_(u, u_cur, "u_update")
         e.copy_(v, v_cur, "v_update")
-        # sigma = u^T W v (= ||W^T u||), gradient through W only; clamped so a zero weight gives zeros
-        sigma = e.clamp_min(e.dot(u_cur, e.mv(mat, v_cur, "W_v"), "uWv"), eps, "sigma")
+        if e.aten:
+            # sigma = u^T W v (= ||W^T u||), gradient through W only; clamped so a zero weight gives zeros
+            sigma = e.clamp_min(e.dot(u_cur, e.mv(mat, v_cur, "W_v"), "uWv"), eps, "sigma")
+        else:
+            # sigma = ||W^T u'|| (= u'^T W v', the eager API's value) is the last norm of the power
+            # iteration: no third pass over W; its gradient u' v'^T comes from sigma_of (rank one)
+            sigma = e._fn(sigma_of, (mat, u_cur, v_cur, norm, eps), "sigma")
     else:
         # NB: clones, so a backward through this graph survives a later in-place u/v update
         if u_cur is u:
