@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the golden graphs are FX's code, one op per line)
 """Golden graphs: what the pass emits, as code. These are the documentation of the rewrite.
 
 Regenerate with ``EXPECTTEST_ACCEPT=1 pytest tests/test_graph_golden.py`` and read the diff.

@@ -12,8 +12,11 @@ torch's ``spectral_norm`` given the same u/v:
     \sigma = \max(u'^\top W_{mat} v', \epsilon), \quad \bar W = W / \sigma
 
 (each normalization keeps the old vector where the norm is ``<= eps``: a zero weight gives a zero
-``\bar W``, never NaN). The power iteration runs on ``W_mat.detach()`` (the graph form of
-``torch.no_grad``), so the gradient flows through ``W`` in ``sigma`` only.
+``\bar W``, never NaN). In training ``u'^T W_mat v' = ||W_mat^T u'||``, the last norm of the power
+iteration: torch-level graphs take that value (the eager API's) and its gradient ``u' v'^T``
+from :func:`sigma_of`, without a third matrix-vector product; ATen graphs emit ``dot(u', mv(W, v'))``.
+The power iteration runs on ``W_mat.detach()`` (the graph form of ``torch.no_grad``), so the
+gradient flows through ``W`` in ``sigma`` only.
 
 Weight or output. ``op(x, W/σ) + b`` and ``op(x, W)/σ + b`` are the same function (equal up to
 rounding; autograd through ``z/σ`` with ``σ = uᵀ W v`` gives the same gradient, sigma term
@@ -249,10 +252,11 @@ def insert_normalization(
 
     Training (``training=True``): ``n_power_iterations`` steps of power iteration in float32 on
     ``W_mat.detach()``, then ``aten.copy_`` of the new u/v into ``u``/``v`` (NB: the buffers are
-    updated in place each time the graph runs), then ``sigma = max(dot(u', W_mat v'), eps)`` with
-    gradient through ``W`` only. Eval (``training=False``): no update; sigma from clones of u/v (so
-    a backward through an eval graph survives a later training step), ``eps`` only where sigma is
-    exactly 0 (stale u/v may give a negative sigma; its sign is kept, as in the eager API).
+    updated in place each time the graph runs), then ``sigma = max(u'^T W_mat v', eps)`` with
+    gradient through ``W`` only (torch-level: :func:`sigma_of` of the last norm; ATen: ``dot`` /
+    ``mv``). Eval (``training=False``): no update; sigma from clones of u/v (so a backward
+    through an eval graph survives a later training step), ``eps`` only where sigma is exactly 0
+    (stale u/v may give a negative sigma; its sign is kept, as in the eager API).
     The weight is cast to float32 first and the result back to its dtype when it is fp16/bf16
     (the casts are visible nodes); float64 weights compute in float64 (u/v cast up). When the dtype
     is unknown (no meta, no resolvable ``get_attr``) ``.float()``/``.type_as(weight)`` are emitted,
