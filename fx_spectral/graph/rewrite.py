@@ -44,7 +44,7 @@ from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS, is_aten_op, weight_a
 
 __all__ = [
     "NORMALIZED_META", "SCALED_OUTPUT_META", "SUBGRAPH_HOPS", "insert_normalization", "insert_sigma",
-    "divides_output", "scale_output", "find_weight_uses", "find_weight_uses_nested", "rewrite_weight",
+    "divides_output", "scale_output", "sigma_of", "find_weight_uses", "find_weight_uses_nested", "rewrite_weight",
     "lower_module_call", "lowering_blocker",
 ]
 
