@@ -251,12 +251,11 @@ def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Para
     l_self_modules_fc_parameters_weight__v_new = torch.where(l_self_modules_fc_parameters_weight__v_new_nonzero, l_self_modules_fc_parameters_weight__v_new_unit, fc_weight_v)
     l_self_modules_fc_parameters_weight__u_update = torch.ops.aten.copy_.default(fc_weight_u, l_self_modules_fc_parameters_weight__u_new)
     l_self_modules_fc_parameters_weight__v_update = torch.ops.aten.copy_.default(fc_weight_v, l_self_modules_fc_parameters_weight__v_new)
-    l_self_modules_fc_parameters_weight__W_v = torch.mv(l_self_modules_fc_parameters_weight_, l_self_modules_fc_parameters_weight__v_new)
-    l_self_modules_fc_parameters_weight__uWv = torch.dot(l_self_modules_fc_parameters_weight__u_new, l_self_modules_fc_parameters_weight__W_v)
-    l_self_modules_fc_parameters_weight__sigma = l_self_modules_fc_parameters_weight__uWv.clamp_min(1e-12)
-    l_self_modules_fc_parameters_weight__normalized = l_self_modules_fc_parameters_weight_ / l_self_modules_fc_parameters_weight__sigma
-    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight__normalized, l_self_modules_fc_parameters_bias_)
-    return (linear,)""",
+    l_self_modules_fc_parameters_weight__sigma = fx_spectral_graph_rewrite_sigma_of(l_self_modules_fc_parameters_weight_, l_self_modules_fc_parameters_weight__u_new, l_self_modules_fc_parameters_weight__v_new, l_self_modules_fc_parameters_weight__v_new_norm, 1e-12)
+    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_, None)
+    linear_over_sigma = linear / l_self_modules_fc_parameters_weight__sigma
+    linear_biased = linear_over_sigma + l_self_modules_fc_parameters_bias_
+    return (linear_biased,)""",
     )
 
 
@@ -277,18 +276,19 @@ def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Para
     l_self_modules_fc_parameters_weight__uWv = torch.dot(l_self_modules_fc_parameters_weight__u_const, l_self_modules_fc_parameters_weight__W_v)
     l_self_modules_fc_parameters_weight__uWv_zero = l_self_modules_fc_parameters_weight__uWv == 0
     l_self_modules_fc_parameters_weight__sigma = l_self_modules_fc_parameters_weight__uWv.masked_fill(l_self_modules_fc_parameters_weight__uWv_zero, 1e-12)
-    l_self_modules_fc_parameters_weight__normalized = l_self_modules_fc_parameters_weight_ / l_self_modules_fc_parameters_weight__sigma
     l_self_modules_out_parameters_weight__u_const = out_weight_u.clone()
     l_self_modules_out_parameters_weight__v_const = out_weight_v.clone()
     l_self_modules_out_parameters_weight__W_v = torch.mv(l_self_modules_out_parameters_weight_, l_self_modules_out_parameters_weight__v_const)
     l_self_modules_out_parameters_weight__uWv = torch.dot(l_self_modules_out_parameters_weight__u_const, l_self_modules_out_parameters_weight__W_v)
     l_self_modules_out_parameters_weight__uWv_zero = l_self_modules_out_parameters_weight__uWv == 0
     l_self_modules_out_parameters_weight__sigma = l_self_modules_out_parameters_weight__uWv.masked_fill(l_self_modules_out_parameters_weight__uWv_zero, 1e-12)
-    l_self_modules_out_parameters_weight__normalized = l_self_modules_out_parameters_weight_ / l_self_modules_out_parameters_weight__sigma
-    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight__normalized, l_self_modules_fc_parameters_bias_)
-    relu = torch.relu(linear)
-    linear_1 = torch._C._nn.linear(relu, l_self_modules_out_parameters_weight__normalized, None)
-    return (linear_1,)""",
+    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_, None)
+    linear_over_sigma = linear / l_self_modules_fc_parameters_weight__sigma
+    linear_biased = linear_over_sigma + l_self_modules_fc_parameters_bias_
+    relu = torch.relu(linear_biased)
+    linear_1 = torch._C._nn.linear(relu, l_self_modules_out_parameters_weight_, None)
+    linear_1_over_sigma = linear_1 / l_self_modules_out_parameters_weight__sigma
+    return (linear_1_over_sigma,)""",
     )
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (the golden graphs are FX's code, one op per line)
 """Golden graphs: what the pass emits, as code. These are the documentation of the rewrite.
 
 Regenerate with ``EXPECTTEST_ACCEPT=1 pytest tests/test_graph_golden.py`` and read the diff.
@@ -6,6 +7,7 @@ FX's ``x = None`` bookkeeping (freeing values early) is stripped to keep them re
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -56,9 +58,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_W_v = torch.mv(layer_weight, layer_weight_v_new)
-    layer_weight_uWv = torch.dot(layer_weight_u_new, layer_weight_W_v)
-    layer_weight_sigma = layer_weight_uWv.clamp_min(1e-12)
+    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer_bias = self.layer.bias
     layer = torch._C._nn.linear(x, layer_weight_normalized, layer_bias)
@@ -104,9 +104,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_W_v = torch.mv(layer_weight_mat, layer_weight_v_new)
-    layer_weight_uWv = torch.dot(layer_weight_u_new, layer_weight_W_v)
-    layer_weight_sigma = layer_weight_uWv.clamp_min(1e-12)
+    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer = torch.conv2d(x, layer_weight_normalized, None, (2, 2), (1, 1), (1, 1), 1)
     return layer""")
@@ -134,9 +132,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_W_v = torch.mv(layer_weight_mat, layer_weight_v_new)
-    layer_weight_uWv = torch.dot(layer_weight_u_new, layer_weight_W_v)
-    layer_weight_sigma = layer_weight_uWv.clamp_min(1e-12)
+    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer_bias = self.layer.bias
     layer = torch.conv_transpose2d(x, layer_weight_normalized, layer_bias, (2, 2), (1, 1), (0, 0), 1, (1, 1))
@@ -171,15 +167,14 @@ def forward(self, x):
     w_v_new = torch.where(w_v_new_nonzero, w_v_new_unit, w_v)
     w_u_update = torch.ops.aten.copy_.default(w_u, w_u_new)
     w_v_update = torch.ops.aten.copy_.default(w_v, w_v_new)
-    w_W_v = torch.mv(w, w_v_new)
-    w_uWv = torch.dot(w_u_new, w_W_v)
-    w_sigma = w_uWv.clamp_min(1e-12)
+    w_sigma = fx_spectral_graph_rewrite_sigma_of(w, w_u_new, w_v_new, w_v_new_norm, 1e-12)
     w_normalized = w / w_sigma
     linear = torch._C._nn.linear(x, w_normalized)
     relu = linear.relu()
     return relu""")
 
     def test_exported_aten_graph(self):
+        # export records the shapes: output 2×3 < weight 3×4, so the op's output is divided by sigma
         model = Net(nn.Linear(4, 3, bias=False))
         ep = torch.export.export(model, (torch.randn(2, 4),))
         gm = transform(ep.module())
@@ -206,10 +201,74 @@ def forward(self, x):
     layer_weight_W_v = torch.ops.aten.mv.default(layer_weight, layer_weight_v_new)
     layer_weight_uWv = torch.ops.aten.dot.default(layer_weight_u_new, layer_weight_W_v)
     layer_weight_sigma = torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
-    layer_weight_normalized = torch.ops.aten.div.Tensor(layer_weight, layer_weight_sigma)
     _guards_fn = self._guards_fn(x)
-    linear = torch.ops.aten.linear.default(x, layer_weight_normalized)
+    linear = torch.ops.aten.linear.default(x, layer_weight)
+    linear_over_sigma = torch.ops.aten.div.Tensor(linear, layer_weight_sigma)
+    return pytree.tree_unflatten((linear_over_sigma,), self._out_spec)""")
+
+    def test_exported_output_scaling_with_bias(self):
+        # the shapes recorded by export decide per op: output 2×3 < weight 3×4 -> divide the output,
+        # then add the bias (split off the op)
+        model = Net(nn.Linear(4, 3))
+        ep = torch.export.export(model, (torch.randn(1, 4),))
+        gm = transform(ep.module())
+        self.assertExpectedInline(code(gm.code).split("layer_weight_sigma = ")[1], """\
+torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
+    layer_bias = self.layer.bias
+    _guards_fn = self._guards_fn(x)
+    linear = torch.ops.aten.linear.default(x, layer_weight, None)
+    linear_over_sigma = torch.ops.aten.div.Tensor(linear, layer_weight_sigma)
+    linear_biased = torch.ops.aten.add.Tensor(linear_over_sigma, layer_bias)
+    return pytree.tree_unflatten((linear_biased,), self._out_spec)""")
+
+    def test_exported_weight_division_at_large_batch(self):
+        # output 16×3 > weight 3×4: the weight is divided (fewer elements to touch), the bias stays in the op
+        model = Net(nn.Linear(4, 3))
+        ep = torch.export.export(model, (torch.randn(16, 4),))
+        gm = transform(ep.module())
+        self.assertExpectedInline(code(gm.code).split("layer_weight_sigma = ")[1], """\
+torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
+    layer_weight_normalized = torch.ops.aten.div.Tensor(layer_weight, layer_weight_sigma)
+    layer_bias = self.layer.bias
+    _guards_fn = self._guards_fn(x)
+    linear = torch.ops.aten.linear.default(x, layer_weight_normalized, layer_bias)
     return pytree.tree_unflatten((linear,), self._out_spec)""")
+
+    def test_exported_conv_output_scaling(self):
+        # a late, wide conv: output 16×2×2 < weight 16×8×3×3; the bias is added as (C, 1, 1)
+        model = Net(nn.Conv2d(8, 16, 3, stride=2))
+        ep = torch.export.export(model, (torch.randn(1, 8, 5, 5),))
+        gm = transform(ep.module())
+        self.assertExpectedInline(code(gm.code).split("layer_weight_sigma = ")[1], """\
+torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
+    layer_bias = self.layer.bias
+    _guards_fn = self._guards_fn(x)
+    conv2d = torch.ops.aten.conv2d.default(x, layer_weight, None, [2, 2])
+    conv2d_over_sigma = torch.ops.aten.div.Tensor(conv2d, layer_weight_sigma)
+    conv2d_bias_view = torch.ops.aten.view.default(layer_bias, [-1, 1, 1])
+    conv2d_biased = torch.ops.aten.add.Tensor(conv2d_over_sigma, conv2d_bias_view)
+    return pytree.tree_unflatten((conv2d_biased,), self._out_spec)""")
+
+    def test_output_scaling_computes_the_weight_division(self):
+        # the graphs above compute op(x, W / sigma) + b: same output, weight and bias gradients, u/v
+        for layer, shape in ((nn.Linear(4, 3), (1, 4)), (nn.Conv2d(8, 16, 3, stride=2), (1, 8, 5, 5))):
+            x = torch.randn(shape)
+            ref_layer = copy.deepcopy(layer)
+            gm = transform(torch.export.export(Net(layer), (x,)).module())
+            u, v = gm.layer.weight_u.clone(), gm.layer.weight_v.clone()
+            self.assertIn("_over_sigma", gm.code)
+            y = gm(x)
+            w = fx_spectral.nn.normalize_weight(ref_layer.weight, u, v)
+            ref = F.linear(x, w, ref_layer.bias) if isinstance(layer, nn.Linear) else ref_layer._conv_forward(
+                x, w, ref_layer.bias)
+            torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(gm.layer.weight_u, u)
+            g = torch.randn_like(y)
+            y.backward(g)
+            ref.backward(g)
+            for name in ("weight", "bias"):
+                got, want = getattr(gm.layer, name).grad, getattr(ref_layer, name).grad
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
     def test_bf16_weights(self):
         gm = transform(Net(nn.Linear(4, 3, bias=False).to(torch.bfloat16)))
@@ -233,9 +292,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_W_v = torch.mv(layer_weight_f32, layer_weight_v_new)
-    layer_weight_uWv = torch.dot(layer_weight_u_new, layer_weight_W_v)
-    layer_weight_sigma = layer_weight_uWv.clamp_min(1e-12)
+    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight_f32, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized_f32 = layer_weight_f32 / layer_weight_sigma
     layer_weight_normalized = layer_weight_normalized_f32.to(torch.bfloat16)
     layer = torch._C._nn.linear(x, layer_weight_normalized, None)
@@ -270,9 +327,7 @@ def forward(self, x):
     emb_weight_v_new = torch.where(emb_weight_v_new_nonzero, emb_weight_v_new_unit, emb_weight_v)
     emb_weight_u_update = torch.ops.aten.copy_.default(emb_weight_u, emb_weight_u_new)
     emb_weight_v_update = torch.ops.aten.copy_.default(emb_weight_v, emb_weight_v_new)
-    emb_weight_W_v = torch.mv(emb_weight, emb_weight_v_new)
-    emb_weight_uWv = torch.dot(emb_weight_u_new, emb_weight_W_v)
-    emb_weight_sigma = emb_weight_uWv.clamp_min(1e-12)
+    emb_weight_sigma = fx_spectral_graph_rewrite_sigma_of(emb_weight, emb_weight_u_new, emb_weight_v_new, emb_weight_v_new_norm, 1e-12)
     emb_weight_normalized = emb_weight / emb_weight_sigma
     emb = torch._C._nn.linear(x, emb_weight_normalized, None)
     tanh = emb.tanh()

@@ -70,7 +70,7 @@ def _rewritten(
     or None; a slot with a spec gets one ``operator_weight`` node instead of the matrix-mode nodes.
     """
     from fx_spectral.graph.operator import insert_operator_normalization
-    from fx_spectral.graph.rewrite import find_weight_uses_nested, insert_normalization
+    from fx_spectral.graph.rewrite import find_weight_uses_nested, rewrite_weight
 
     graph = _copy_graph(gm.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -94,9 +94,13 @@ def _rewritten(
             for consumer in dict.fromkeys(op for op, _ in uses[w]):
                 consumer.replace_input_with(w, new)
             continue
-        new = insert_normalization(
+        # NB: one sigma (one power iteration) for every use: a Linear called twice, or a weight
+        # passed into a checkpointed subgraph (which gets W / sigma); each linear / conv op divides
+        # its output or its weight by sigma, whichever is smaller (rewrite.divides_output)
+        rewrite_weight(
             graph,
             w,
+            [op for op, _ in uses[w]],
             uv[2 * j],
             uv[2 * j + 1],
             dim=s.dim,
@@ -104,10 +108,6 @@ def _rewritten(
             eps=config.eps,
             training=train,
         )
-        # NB: one W / sigma (one power iteration) for every use: a Linear called twice, or a weight
-        # passed into a checkpointed subgraph
-        for consumer in dict.fromkeys(op for op, _ in uses[w]):
-            consumer.replace_input_with(w, new)
     graph.lint()
     new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new_gm.meta.update(gm.meta)

@@ -36,7 +36,7 @@ from fx_spectral.graph.operator import (
     transposed_output_padding,
 )
 from fx_spectral.graph.ops import MODULE_TYPES, WEIGHT_OPS
-from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, lowering_blocker
+from fx_spectral.graph.rewrite import find_weight_uses, lower_module_call, lowering_blocker, rewrite_weight
 
 __all__ = ["TransformConfig", "SpectralGraphModule", "transform", "spectral_pass"]
 
@@ -462,13 +462,13 @@ def _rewrite(root: nn.Module, graph: Graph, plan: tuple[_Weight, ...], cfg: Tran
         with graph.inserting_before(w.next):
             u = graph.get_attr(f"{w.target}_u")
             v = graph.get_attr(f"{w.target}_v")
-        new = insert_normalization(
-            graph, w, u, v, dim=info.dim, n_power_iterations=cfg.n_power_iterations, eps=cfg.eps,
-            training=training, weight_dtype=weight.dtype, weight_ndim=weight.dim(),
+        # one sigma for all uses; each op divides its output or the weight (rewrite.divides_output:
+        # the output when the graph records the shapes and it is the smaller tensor)
+        rewrite_weight(
+            graph, w, [op for op, _ in uses], u, v, dim=info.dim, n_power_iterations=cfg.n_power_iterations,
+            eps=cfg.eps, training=training, weight_dtype=weight.dtype, weight_ndim=weight.dim(),
             autocast_off=_autocast_guard(weight.device.type),
         )
-        for op, _ in uses:
-            op.replace_input_with(w, new)
     graph.lint()
 
 
