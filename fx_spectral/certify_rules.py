@@ -29,7 +29,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
-from fx_spectral.operator_norm import SVD_MARGIN, padding_map_norm
+from fx_spectral.conv_bounds import SVD_MARGIN, padding_map_norm
 
 __all__ = [
     "INPLACE_OPS",
