@@ -38,8 +38,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "lipschitz_bound": ("fx_spectral.lipschitz", "lipschitz_bound"),
     "operator_norm": ("fx_spectral.operator_norms", "operator_norm"),
     "OperatorNorm": ("fx_spectral.operator_norms", "OperatorNorm"),
-    "certify": ("fx_spectral.certify", "certify"),
-    "Certificate": ("fx_spectral.certify", "Certificate"),
+    "certify": ("fx_spectral.certificates", "certify"),
+    "Certificate": ("fx_spectral.certificates", "Certificate"),
 }
 
 __all__ = sorted(_EXPORTS)

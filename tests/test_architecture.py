@@ -41,7 +41,8 @@ LAYERS: dict[str, int] = {
     "constrain.py": 3,
     "certify_rules.py": 3,
     "certify_graph.py": 3,
-    "certify.py": 3,
+    "certificates.py": 3,
+    "certify.py": 3,  # deprecated shim of certificates
     "integrations/": 4,
     "demos/": 4,
     "cli.py": 4,

@@ -89,6 +89,11 @@ SHIMS = {
         ["OperatorNorm", "operator_norm", "conv_operator_norm", "conv_upper_bound", "effective_weight",
          "padding_map_norm", "SVD_MARGIN"],
     ),
+    "fx_spectral.certify": (
+        "fx_spectral.certificates",
+        "certify",
+        ["CertRow", "Certificate", "attained_lower_bound", "certify"],
+    ),
 }
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fx_spectral.certify import certify
+from fx_spectral.certificates import certify
 from fx_spectral.nn import apply_spectral_norm
 from fx_spectral.operator_norms import effective_weight, operator_norm
 
