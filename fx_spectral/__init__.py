@@ -31,7 +31,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "spectral_norm": ("fx_spectral.nn", "spectral_norm"),
     "spectral_sigma": ("fx_spectral.nn", "spectral_sigma"),
     "transform": ("fx_spectral.graph.transform", "transform"),
-    "bake": ("fx_spectral.graph.bake", "bake"),
+    "bake": ("fx_spectral.graph.baking", "bake"),
     "backend": ("fx_spectral.graph.backend", "backend"),
     "constrain": ("fx_spectral.constrain", "constrain"),
     "constraints": ("fx_spectral.constraints", None),

@@ -94,6 +94,7 @@ SHIMS = {
         "certify",
         ["CertRow", "Certificate", "attained_lower_bound", "certify"],
     ),
+    "fx_spectral.graph.bake": ("fx_spectral.graph.baking", "bake", ["bake"]),
 }
 
 

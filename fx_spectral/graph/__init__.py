@@ -6,10 +6,13 @@
   primitive shared by the transform and the torch.compile backend.
 - :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs)
   and :func:`spectral_pass` (the in-place, one-graph pass for exported graphs).
-- :mod:`fx_spectral.graph.bake`: :func:`bake` (fold 1/sigma into the weights for deployment).
+- :mod:`fx_spectral.graph.baking`: :func:`bake` (fold 1/sigma into the weights for deployment).
 """
 
-from fx_spectral.graph.bake import bake
+import sys as _sys
+import types as _types
+
+from fx_spectral.graph.baking import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
 from fx_spectral.graph.transform import SpectralConfig, SpectralGraphModule, spectral_pass, transform
 
@@ -24,3 +27,17 @@ __all__ = [
     "spectral_pass",
     "transform",
 ]
+
+
+class _Package(_types.ModuleType):
+    """The graph package's module type: the import system's binding of a submodule on its package
+    (``import fx_spectral.graph.bake``, the deprecated shim) does not hide the public function of
+    the same name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in __all__ and isinstance(value, _types.ModuleType):
+            return  # NB: the submodule stays reachable as sys.modules["fx_spectral.graph.<name>"]
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
