@@ -8,27 +8,11 @@ gives the same objects.
 
 import warnings
 
+from fx_spectral import operator_norms as _new
 from fx_spectral.conv_bounds import GRID_TRIES, SVD_MARGIN
 from fx_spectral.operator_norms import *  # noqa: F403
-from fx_spectral.operator_norms import (
-    OperatorNorm,
-    conv_operator_norm,
-    conv_upper_bound,
-    effective_weight,
-    operator_norm,
-    padding_map_norm,
-)
 
-__all__ = [
-    "GRID_TRIES",
-    "SVD_MARGIN",
-    "OperatorNorm",
-    "conv_operator_norm",
-    "conv_upper_bound",
-    "effective_weight",
-    "operator_norm",
-    "padding_map_norm",
-]
+__all__ = [*_new.__all__, "GRID_TRIES", "SVD_MARGIN"]
 
 warnings.warn(
     "fx_spectral.operator_norm (the module) is deprecated: import fx_spectral.operator_norms "
