@@ -33,22 +33,23 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "spectral_norm": ("fx_spectral.nn", "spectral_norm"),
     "spectral_sigma": ("fx_spectral.nn", "spectral_sigma"),
     "transform": ("fx_spectral.graph.transform", "transform"),
-    "bake": ("fx_spectral.graph.bake", "bake"),
+    "bake": ("fx_spectral.graph.baking", "bake"),
     "backend": ("fx_spectral.graph.backend", "backend"),
     "constrain": ("fx_spectral.constrain", "constrain"),
     "constraints": ("fx_spectral.constraints", None),
     "lipschitz_bound": ("fx_spectral.lipschitz", "lipschitz_bound"),
-    "operator_norm": ("fx_spectral.operator_norm", "operator_norm"),
-    "OperatorNorm": ("fx_spectral.operator_norm", "OperatorNorm"),
-    "certify": ("fx_spectral.certify", "certify"),
-    "Certificate": ("fx_spectral.certify", "Certificate"),
+    "operator_norm": ("fx_spectral.operator_norms", "operator_norm"),
+    "OperatorNorm": ("fx_spectral.operator_norms", "OperatorNorm"),
+    "certify": ("fx_spectral.certificates", "certify"),
+    "Certificate": ("fx_spectral.certificates", "Certificate"),
 }
 
 __all__ = sorted(_EXPORTS)
 
-# Public functions named like the submodule that defines them (``fx_spectral.constrain``): the
-# package attribute is the function, never the submodule, whatever the import order.
-_SHADOWING = frozenset(n for n, (mod, attr) in _EXPORTS.items() if attr is not None and mod == f"{__name__}.{n}")
+# Public functions named like a submodule (``fx_spectral.constrain``, or a deprecated shim such as
+# ``fx_spectral.operator_norm``): the package attribute is the function, never the submodule,
+# whatever the import order. Every exported attribute is guarded, so a shim needs no entry here.
+_SHADOWING = frozenset(n for n, (_, attr) in _EXPORTS.items() if attr is not None)
 
 
 def __getattr__(name: str):

@@ -15,9 +15,10 @@ import torch.fx
 from torch import Tensor, nn
 
 from fx_spectral import certify_rules as R
+from fx_spectral.conv_bounds import SVD_MARGIN
 from fx_spectral.kinds import CONV_TRANSPOSE, kind_of
 from fx_spectral.models import Attention, Block, LipschitzTransformer
-from fx_spectral.operator_norm import SVD_MARGIN, conv_upper_bound, effective_weight
+from fx_spectral.operator_norms import conv_upper_bound, effective_weight
 
 __all__ = ["analyze_graph", "trace_model"]
 

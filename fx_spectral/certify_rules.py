@@ -30,8 +30,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
+from fx_spectral.conv_bounds import SVD_MARGIN, padding_map_norm
 from fx_spectral.lipschitz import GELU_SLOPE, GELU_TANH_SLOPE, SELU_SLOPE, SILU_SLOPE, activation_module_slope
-from fx_spectral.operator_norm import SVD_MARGIN, padding_map_norm
 
 __all__ = [
     "INPLACE_OPS",

@@ -20,7 +20,7 @@ needs to know about its weight:
   embedding / LM head: the Linear);
 - ``operator_norm``: how its operator norm is computed: ``"matrix"`` (the exact :math:`\lVert W\rVert_2`
   of the matrix view is the layer's l2 -> l2 norm), ``"conv"`` (a convolution operator: the reshaped
-  kernel's norm is not the operator's, see :mod:`fx_spectral.operator_norm`), or None (no l2 -> l2
+  kernel's norm is not the operator's, see :mod:`fx_spectral.operator_norms`), or None (no l2 -> l2
   norm: bounds refuse the kind).
 
 Adding a kind is one :class:`WeightKind` entry in :data:`KINDS` plus its tests; every lookup below

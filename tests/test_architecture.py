@@ -37,12 +37,15 @@ LAYERS: dict[str, int] = {
     "nn.py": 1,
     "graph/": 2,
     "distributed.py": 2,
-    "operator_norm.py": 2,
+    "operator_norms.py": 2,
+    "conv_bounds.py": 2,
+    "operator_norm.py": 2,  # deprecated shim of operator_norms
     "lipschitz.py": 2,
     "constrain.py": 3,
     "certify_rules.py": 3,
     "certify_graph.py": 3,
-    "certify.py": 3,
+    "certificates.py": 3,
+    "certify.py": 3,  # deprecated shim of certificates
     "integrations/": 4,
     "demos/": 4,
     "cli.py": 4,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fx_spectral import operator_norm, spectral_norm
-from fx_spectral.operator_norm import conv_operator_norm, conv_upper_bound, padding_map_norm
+from fx_spectral.operator_norms import conv_operator_norm, conv_upper_bound, padding_map_norm
 
 # many tiny ops: a second intra-op thread only adds synchronisation (and crawls on a busy machine)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,6 +6,8 @@ import importlib
 import subprocess
 import sys
 
+import pytest
+
 import fx_spectral
 
 PUBLIC = ["spectral_norm", "remove_spectral_norm", "apply_spectral_norm", "transform", "bake", "backend", "constrain"]
@@ -77,3 +79,51 @@ def test_compile_backend_resolves_without_importing_the_backend_module():
         "y = torch.compile(m, backend='spectral', options={'inner': 'eager'})(torch.randn(2, 4))\n"
         "assert 'weight_u' in dict(m.named_buffers()), 'the backend did not run'\n"
     )
+
+
+#: deprecated module path -> (its new module, the public function named like the old path, names it re-exports).
+SHIMS = {
+    "fx_spectral.operator_norm": (
+        "fx_spectral.operator_norms",
+        "operator_norm",
+        ["OperatorNorm", "operator_norm", "conv_operator_norm", "conv_upper_bound", "effective_weight",
+         "padding_map_norm", "SVD_MARGIN"],
+    ),
+    "fx_spectral.certify": (
+        "fx_spectral.certificates",
+        "certify",
+        ["CertRow", "Certificate", "attained_lower_bound", "certify"],
+    ),
+    "fx_spectral.graph.bake": ("fx_spectral.graph.baking", "bake", ["bake"]),
+}
+
+
+@pytest.mark.parametrize("old", sorted(SHIMS))
+def test_old_module_path_warns_and_gives_the_same_objects(old):
+    new, function, names = SHIMS[old]
+    sys.modules.pop(old, None)  # a fresh import, so the warning fires here whatever ran before
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        shim = importlib.import_module(old)
+    canonical = importlib.import_module(new)
+    for name in names:
+        assert getattr(shim, name) is getattr(canonical, name), name
+    parent, _, leaf = old.rpartition(".")
+    assert getattr(importlib.import_module(parent), leaf) is getattr(canonical, function)  # the function, still
+
+
+def test_renamed_modules_are_modules_and_old_paths_are_the_functions():
+    """`import <new> as m` gives the module; the old dotted path names the public function, even when
+    the deprecated shim was imported first."""
+    lines = ["import types, warnings", "warnings.simplefilter('ignore', DeprecationWarning)"]
+    for old, (new, function, _) in SHIMS.items():
+        parent, _, leaf = old.rpartition(".")
+        lines += [
+            f"import {old}",
+            f"import {new} as m",
+            "assert isinstance(m, types.ModuleType), m",
+            f"import {old} as f",
+            f"assert f is m.{function} and not isinstance(f, types.ModuleType), f",
+            f"import {parent}",
+            f"assert {parent}.{leaf} is m.{function}",
+        ]
+    _run("\n".join(lines) + "\n")

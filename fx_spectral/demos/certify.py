@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fx_spectral.certify import certify
+from fx_spectral.certificates import certify
 from fx_spectral.nn import apply_spectral_norm
-from fx_spectral.operator_norm import effective_weight, operator_norm
+from fx_spectral.operator_norms import effective_weight, operator_norm
 
 RADII = (0.1, 0.2, 0.3, 0.4)
 

@@ -7,7 +7,7 @@
 - :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
   its :class:`TransformConfig`, and :func:`spectral_pass` (the in-place, one-graph pass for
   exported graphs).
-- :mod:`fx_spectral.graph.bake`: :func:`bake` (fold 1/sigma into the weights for deployment).
+- :mod:`fx_spectral.graph.baking`: :func:`bake` (fold 1/sigma into the weights for deployment).
 - :mod:`fx_spectral.graph.backend`: the torch.compile backend ``"spectral"`` and its
   :class:`BackendConfig` (``fx_spectral.graph.BackendConfig`` loads the backend module on first use).
 
@@ -18,9 +18,11 @@ keeps its name.
 """
 
 import importlib as _importlib
+import sys as _sys
+import types as _types
 
 from fx_spectral.deprecation import renamed
-from fx_spectral.graph.bake import bake
+from fx_spectral.graph.baking import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
 from fx_spectral.graph.transform import SpectralGraphModule, TransformConfig, spectral_pass, transform
 
@@ -50,3 +52,17 @@ _renamed = renamed(__name__, {"SpectralConfig": "TransformConfig", "SpectralBack
 
 def __getattr__(name: str):
     return _resolve(name) if name == "BackendConfig" else _renamed(name)
+
+
+class _Package(_types.ModuleType):
+    """The graph package's module type: the import system's binding of a submodule on its package
+    (``import fx_spectral.graph.bake``, the deprecated shim) does not hide the public function of
+    the same name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in __all__ and isinstance(value, _types.ModuleType):
+            return  # NB: the submodule stays reachable as sys.modules["fx_spectral.graph.<name>"]
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
