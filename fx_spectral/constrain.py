@@ -4,7 +4,7 @@ r"""``constrain()``: project weights after every optimizer step (Lipschitz-trans
     W \leftarrow s\cdot\mathrm{project}(W / s), \qquad s = \sqrt{\mathrm{fan\_out}/\mathrm{fan\_in}}
 
 so every cap is on the RMS→RMS operator norm :math:`\sigma_1(W)/s` (arXiv 2507.13338). The ops live in
-:mod:`fx_spectral.constraints`; what one projection of one matrix does (the method configs,
+:mod:`fx_spectral.projections`; what one projection of one matrix does (the method configs,
 :func:`~fx_spectral.methods.project_matrix`, the soft cap's coupling to torch.optim.Muon) in
 :mod:`fx_spectral.methods`; this file is the machinery that selects weights, keeps persistent
 power-iteration vectors, hooks the optimizer and reports.
@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
-from fx_spectral import constraints as C
 from fx_spectral import methods as _methods
+from fx_spectral import projections as C
 from fx_spectral.coupling import decay, is_muon_group, muon_update_norm
 from fx_spectral.errors import ProjectionError, projection_error
 from fx_spectral.kinds import default_dim, default_selected, module_rms_scale, weight_matrix

@@ -2,7 +2,7 @@ r"""The power iteration, its constants, and the u/v state: one rule for every wa
 
 Ground floor (torch only). The eager API (:mod:`fx_spectral.nn`), the graph transform and the
 ``"spectral"`` backend (:mod:`fx_spectral.graph`), the projection ops
-(:func:`fx_spectral.constraints.power_iterate`), the method handlers (:mod:`fx_spectral.methods`)
+(:func:`fx_spectral.projections.power_iterate`), the method handlers (:mod:`fx_spectral.methods`)
 and the sharded path (:mod:`fx_spectral.distributed`) all read this module:
 
 .. math::

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_qwen3_config
 from torch import nn
 
-from fx_spectral import constraints as C
+from fx_spectral import projections as C
 from fx_spectral.constrain import METHODS, Constraint, HardCap, SoftCap, constrain
 
 
