@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fx_spectral import projections as C
-from fx_spectral.constrain import constrain
+from fx_spectral.constraint import constrain
 
 SHAPES = [(256, 256), (1024, 1024), (1024, 4096)]
 

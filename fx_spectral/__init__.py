@@ -35,7 +35,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "transform": ("fx_spectral.graph.transform", "transform"),
     "bake": ("fx_spectral.graph.bake", "bake"),
     "backend": ("fx_spectral.graph.backend", "backend"),
-    "constrain": ("fx_spectral.constrain", "constrain"),
+    "constrain": ("fx_spectral.constraint", "constrain"),
     "projections": ("fx_spectral.projections", None),
     "lipschitz_bound": ("fx_spectral.lipschitz", "lipschitz_bound"),
     "operator_norm": ("fx_spectral.operator_norm", "operator_norm"),
@@ -49,9 +49,10 @@ __all__ = sorted(_EXPORTS)
 #: renamed submodules: old package attribute -> its shim module (importing it warns, DeprecationWarning).
 _MOVED_MODULES: dict[str, str] = {"constraints": "fx_spectral.constraints"}
 
-# Public functions named like the submodule that defines them (``fx_spectral.constrain``): the
-# package attribute is the function, never the submodule, whatever the import order.
-_SHADOWING = frozenset(n for n, (mod, attr) in _EXPORTS.items() if attr is not None and mod == f"{__name__}.{n}")
+# Public functions named like a submodule (``fx_spectral.constrain``, or a deprecated shim such as
+# ``fx_spectral.operator_norm``): the package attribute is the function, never the submodule,
+# whatever the import order. Every exported attribute is guarded, so a shim needs no entry here.
+_SHADOWING = frozenset(n for n, (_, attr) in _EXPORTS.items() if attr is not None)
 
 
 def __getattr__(name: str):

@@ -651,8 +651,10 @@ def report_dtensors(handle, targets: Sequence, *, exact: bool = True) -> dict[st
     """``Constraint.report()`` entries for DTensor targets (collective: call on every rank).
 
     ``exact=True``: each matrix is assembled on every rank and measured with
-    ``torch.linalg.matrix_norm(ord=2)``; ``exact=False``: two distributed power iterations from
-    the stored vectors (not written back).
+    ``torch.linalg.matrix_norm(ord=2)``; ``exact=False``: :data:`fx_spectral.power.N_REPORT`
+    distributed power iterations from the stored vectors (not written back), or from
+    :func:`fx_spectral.power.start_vectors`' seeded fresh start plus its warm-up where none fit:
+    the same start and step count as the single-process ``report(exact=False)``.
     """
     out: dict[str, dict[str, float]] = {}
     for t in targets:
@@ -663,7 +665,9 @@ def report_dtensors(handle, targets: Sequence, *, exact: bool = True) -> dict[st
                 full = full_matrix(mat, torch.float64 if t.param.dtype == torch.float64 else torch.float32)
                 raw = float(torch.linalg.matrix_norm(full, ord=2))
             else:
-                u, v, fresh = _start_vectors(handle, t, key, mat, torch.float32, mat.local.device)
-                raw = float(power_iterate_([mat], [u], [v], 2 + (fresh or 0))[0])
+                # the one rule of the single-process report: power.start_vectors, N_REPORT (+ warm-up) steps
+                dtype = torch.float64 if t.param.dtype == torch.float64 else torch.float32
+                u, v, warm = _start_vectors(handle, t, key, mat, dtype, mat.local.device)
+                raw = float(power_iterate_([mat], [u], [v], P.N_REPORT + warm, dtype=dtype)[0])
             out[t.name(key)] = {"sigma": raw / scale, "sigma_raw": raw, "w_max": t.w_max[key], "scale": scale}
     return out

@@ -21,7 +21,7 @@ def _run(code: str) -> None:
 
 
 def test_public_names_are_the_functions():
-    importlib.import_module("fx_spectral.constrain")  # a later submodule import must not shadow the function
+    importlib.import_module("fx_spectral.constraint")  # a later submodule import must not shadow the function
     for name in PUBLIC:
         obj = getattr(fx_spectral, name)
         assert callable(obj) and not isinstance(obj, type(fx_spectral)), name
@@ -32,6 +32,11 @@ def test_public_names_are_the_functions():
 #: renamed module path (this branch's moves) -> (its new module(s), names it re-exports).
 MOVED_MODULES = {
     "fx_spectral.constraints": (["fx_spectral.projections"], CONSTRAINT_OPS + ["HARD_CAP_COEFFICIENTS", "_g"]),
+    "fx_spectral.constrain": (
+        ["fx_spectral.constraint", "fx_spectral.selection"],
+        ["constrain", "Constraint", "Target", "_Target", "Piece", "VectorStore", "ProjectionError", "SoftCap",
+         "METHODS", "default_names", "HEAD_NAMES", "_ACTIVE", "_match", "_owners", "initial_projection_method"],
+    ),
 }
 
 
@@ -46,6 +51,10 @@ def test_moved_module_paths_warn_and_give_the_same_objects():
             homes = [importlib.import_module(n) for n in news]
             found = [getattr(m, name) for m in homes if hasattr(m, name)]
             assert found and getattr(shim, name) is found[0], (old, name)
+    import types
+
+    assert isinstance(importlib.import_module("fx_spectral.constraint"), types.ModuleType)
+    assert not isinstance(fx_spectral.constrain, types.ModuleType)  # the function, whatever was imported
     # the package attribute of the old ops namespace still works, with the warning
     _run(
         "import warnings, fx_spectral, fx_spectral.projections as P\n"
