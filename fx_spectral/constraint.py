@@ -15,7 +15,7 @@ Structure (so other pieces can hook in):
 * every per-weight projection goes through :func:`fx_spectral.methods.project_matrix`; the method
   configs are re-exported here (``from fx_spectral.constraint import SoftCap`` works);
 * :meth:`Constraint._project_all` holds the ONE DTensor dispatch point, which hands all sharded
-  parameters together to ``fx_spectral.distributed.prepare_dtensors(handle, targets, method)``;
+  parameters together to ``fx_spectral.distributed_projection.prepare_dtensors(handle, targets, method)``;
 * a projection step is all or nothing (validate and compute everything, then write), and
   ``constrain()`` projects into the ball once at registration (``initial_projection``).
 """
@@ -96,13 +96,13 @@ def _scale(matrix: Tensor, module: nn.Module | None = None) -> float:
 
 def _distributed():
     try:
-        from fx_spectral import distributed
+        from fx_spectral import distributed_projection
     except ImportError as e:
         raise NotImplementedError(
-            "constrain: DTensor (FSDP2 / tensor-parallel) parameters need fx_spectral.distributed, "
+            "constrain: DTensor (FSDP2 / tensor-parallel) parameters need fx_spectral.distributed_projection, "
             f"which is not available in this build ({e}); constrain the unsharded model instead"
         ) from e
-    return distributed
+    return distributed_projection
 
 
 _Target = Target  # the former private name (kept for existing callers)
@@ -167,7 +167,7 @@ class Constraint:
         targets: the projected parameters (:class:`Target`).
         vectors: their persistent power-iteration vectors (:class:`VectorStore`).
 
-    Building blocks for code that projects a handle's weights itself (``fx_spectral.distributed``,
+    Building blocks for code that projects a handle's weights itself (``fx_spectral.distributed_projection``,
     the TorchTitan checkpoint state): :attr:`targets`, :meth:`pieces` / :meth:`views` (the
     matrices a target is projected as), :attr:`vectors`, :meth:`context` (what one projection
     needs) and :meth:`cache` (per-handle scratch space).
@@ -261,7 +261,7 @@ class Constraint:
         vectors written. A failure in (1) or (2) raises :class:`ProjectionError` naming the weight,
         with every weight as it was (as the optimizer left it, after a step). Memory: phase (2)
         holds one new copy of the projected weights. DTensor weights follow the same phases in
-        :func:`fx_spectral.distributed.prepare_dtensors` (collectively: every rank raises the same error).
+        :func:`fx_spectral.distributed_projection.prepare_dtensors` (collectively: every rank raises the same error).
         """
         local, sharded = [], []
         for t in self._targets:
@@ -288,7 +288,7 @@ class Constraint:
             if held and store_vectors:
                 writes.append(functools.partial(self.vectors.put, t, key, *held[-1]))
         if sharded:
-            # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed ----
+            # ---- the single DTensor dispatch point (FSDP2 / TP shards): fx_spectral.distributed_projection
             # All DTensor weights together: shared collectives, full-spectrum work spread over ranks.
             # Building blocks there (the handle's public interface): handle.pieces(target) /
             # handle.views(target, tensor) (the matrices), handle.vectors.get/put (persistent

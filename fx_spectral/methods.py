@@ -4,7 +4,7 @@ r"""What one projection of one matrix does: the method configs and :func:`projec
   registered once with :func:`register` (its name, its kind — ``"rank_one"`` or
   ``"full_spectrum"`` —, its rank-one op, its TorchTitan options) and given one handler with
   :func:`handles`. ``METHODS`` (name -> config), ``_HANDLERS`` (config -> handler), this module's
-  ``__all__``, :mod:`fx_spectral.constraint`'s re-exports, :mod:`fx_spectral.distributed`'s rank-one
+  ``__all__``, :mod:`fx_spectral.constraint`'s re-exports, :mod:`fx_spectral.distributed_projection`'s rank-one
   path and the TorchTitan method names and options are all derived from the registry;
 * :func:`project_matrix` is the ONE function every per-weight projection goes through:
   ``scale * project(matrix / scale)`` in RMS→RMS units, a pure function on one 2-D matrix (so a

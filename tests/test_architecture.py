@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "nn.py": 1,
     "graph/": 2,
     "distributed.py": 2,
+    "distributed_projection.py": 2,
     "operator_norm.py": 2,
     "lipschitz.py": 2,
     "selection.py": 2,
