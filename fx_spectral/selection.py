@@ -179,14 +179,13 @@ def matrices(t: Target, split) -> Iterable[tuple[str | None, Tensor, Callable[[T
         )  # NB: in place
 
 
-
 def is_dtensor(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor (FSDP2 / tensor parallel); False where torch has no distributed."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
         return False
     return isinstance(p, DTensor)
-
 
 
 def select_targets(
@@ -326,8 +325,10 @@ def _warn_filter_changes(changes: list[str]) -> None:
     )
 
 
-
 def activation_modules(model: nn.Module, targets: list[Target], track) -> list[tuple[str, nn.Module]]:
+    """The ``(fqn, module)`` pairs whose outputs ``track_activations`` records: none (False), every
+    element of every ``nn.ModuleList`` (True; else the owners of the targets), or the modules whose
+    names match the given glob patterns."""
     if track is False or track is None:
         return []
     named = list(model.named_modules())
