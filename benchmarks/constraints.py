@@ -4,8 +4,8 @@ For each weight shape and dtype this times, in interleaved rounds (every variant
 in a rotating order, so machine noise hits all variants alike; medians over rounds):
 
 * ``4 matmuls``: the four matrix products a soft cap is made of (X Xᵀ, A X, twice), as plain
-  ``torch.mm`` on the cheaper Gram side: the floor for :func:`fx_spectral.constraints.soft_cap`;
-* every op of :mod:`fx_spectral.constraints` (rank-one ops warm-started from stored vectors, one
+  ``torch.mm`` on the cheaper Gram side: the floor for :func:`fx_spectral.projections.soft_cap`;
+* every op of :mod:`fx_spectral.projections` (rank-one ops warm-started from stored vectors, one
   power iteration, as ``constrain()`` runs them);
 * ``svd cap``: ``torch.linalg.svd`` + clip + reconstruct (the exact reference; = ``pure_svd``);
 * ``muon step``: one ``torch.optim.Muon`` step on the same weight (a random gradient);
@@ -36,8 +36,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fx_spectral import constraints as C
-from fx_spectral.constrain import constrain
+from fx_spectral import projections as C
+from fx_spectral.constraint import constrain
 
 SHAPES = [(256, 256), (1024, 1024), (1024, 4096)]
 

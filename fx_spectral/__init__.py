@@ -9,7 +9,7 @@ read and written through the handle's ``vectors``), so ``optimizer.state_dict()`
 - graph: :func:`transform` (torch.fx), :func:`bake`, and the torch.compile backend ``"spectral"``
   (:func:`backend` makes a configured one);
 - constraints: :func:`constrain` projects weights after every optimizer step
-  (:mod:`fx_spectral.constraints` holds the math), :func:`lipschitz_bound` certifies the result;
+  (:mod:`fx_spectral.projections` holds the math), :func:`lipschitz_bound` certifies the result;
 - certificates: :func:`operator_norm` brackets a convolution's true operator norm, :func:`certify`
   reads a Lipschitz bound off any traceable model.
 
@@ -35,8 +35,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "transform": ("fx_spectral.graph.transform", "transform"),
     "bake": ("fx_spectral.graph.baking", "bake"),
     "backend": ("fx_spectral.graph.backend", "backend"),
-    "constrain": ("fx_spectral.constrain", "constrain"),
-    "constraints": ("fx_spectral.constraints", None),
+    "constrain": ("fx_spectral.constraint", "constrain"),
+    "projections": ("fx_spectral.projections", None),
     "lipschitz_bound": ("fx_spectral.lipschitz", "lipschitz_bound"),
     "operator_norm": ("fx_spectral.operator_norms", "operator_norm"),
     "OperatorNorm": ("fx_spectral.operator_norms", "OperatorNorm"),
@@ -45,6 +45,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
 }
 
 __all__ = sorted(_EXPORTS)
+
+#: renamed submodules: old package attribute -> its shim module (importing it warns, DeprecationWarning).
+_MOVED_MODULES: dict[str, str] = {"constraints": "fx_spectral.constraints"}
 
 # Public functions named like a submodule (``fx_spectral.constrain``, or a deprecated shim such as
 # ``fx_spectral.operator_norm``): the package attribute is the function, never the submodule,
@@ -56,6 +59,8 @@ def __getattr__(name: str):
     try:
         module_name, attr = _EXPORTS[name]
     except KeyError:
+        if name in _MOVED_MODULES:  # not cached: the import binds the shim on the package itself
+            return _importlib.import_module(_MOVED_MODULES[name])
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
     module = _importlib.import_module(module_name)
     value = module if attr is None else getattr(module, attr)

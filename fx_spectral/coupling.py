@@ -16,7 +16,7 @@ weight_decay``. Any other optimizer has no known update bound (the caller passes
 (the safe choice: a larger ``k`` only makes the cap stronger).
 
 Torch only (layer 0): the method handlers (:mod:`fx_spectral.methods`) and the ``constrain()``
-handle read it; :mod:`fx_spectral.constraints` and :mod:`fx_spectral.methods` re-export the old names.
+handle read it; :mod:`fx_spectral.projections` and :mod:`fx_spectral.methods` re-export the old names.
 
 Example::
 

@@ -1,6 +1,6 @@
 """The error a projection raises when it cannot be computed (ground floor: imports nothing).
 
-Shared by :mod:`fx_spectral.constrain` (one process) and :mod:`fx_spectral.distributed` (every
+Shared by :mod:`fx_spectral.constraint` (one process) and :mod:`fx_spectral.distributed_projection` (every
 rank raises the same one), so neither has to import the other for it.
 """
 

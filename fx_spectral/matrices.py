@@ -1,4 +1,4 @@
-"""Small helpers shared by the matrix ops (:mod:`fx_spectral.constraints`, :mod:`fx_spectral.msign`)."""
+"""Small helpers shared by the matrix ops (:mod:`fx_spectral.projections`, :mod:`fx_spectral.msign`)."""
 
 from __future__ import annotations
 

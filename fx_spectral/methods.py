@@ -4,7 +4,7 @@ r"""What one projection of one matrix does: the method configs and :func:`projec
   registered once with :func:`register` (its name, its kind — ``"rank_one"`` or
   ``"full_spectrum"`` —, its rank-one op, its TorchTitan options) and given one handler with
   :func:`handles`. ``METHODS`` (name -> config), ``_HANDLERS`` (config -> handler), this module's
-  ``__all__``, :mod:`fx_spectral.constrain`'s re-exports, :mod:`fx_spectral.distributed`'s rank-one
+  ``__all__``, :mod:`fx_spectral.constraint`'s re-exports, :mod:`fx_spectral.distributed_projection`'s rank-one
   path and the TorchTitan method names and options are all derived from the registry;
 * :func:`project_matrix` is the ONE function every per-weight projection goes through:
   ``scale * project(matrix / scale)`` in RMS→RMS units, a pure function on one 2-D matrix (so a
@@ -13,8 +13,8 @@ r"""What one projection of one matrix does: the method configs and :func:`projec
   on one torch.optim.Muon update, :func:`~fx_spectral.coupling.soft_cap_coupling`); its names
   ``muon_update_norm`` and ``MUON_SAFETY`` stay importable from here.
 
-The ops themselves live in :mod:`fx_spectral.constraints`; selecting the weights, keeping the
-persistent vectors and hooking the optimizer is :mod:`fx_spectral.constrain`.
+The ops themselves live in :mod:`fx_spectral.projections`; selecting the weights, keeping the
+persistent vectors and hooking the optimizer is :mod:`fx_spectral.constraint`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from fx_spectral import constraints as C
 from fx_spectral import coupling
 from fx_spectral import power as P
+from fx_spectral import projections as C
 from fx_spectral.coupling import MUON_SAFETY, muon_update_norm  # noqa: F401  (re-exported: the old home)
 
 N_WARMUP_ITERATIONS = P.N_WARMUP  # a fresh u/v gets these before the per-step iterations (as spectral_norm)
@@ -310,7 +310,7 @@ class SoftCap(_Polynomial):
     units of w_max); ``False``: on ``W/s``. With the coupling both give the same result.
     With the coupling, a spectrum beyond the coupling's ``k`` (a start outside the ball, an update
     larger than its bound) is scaled to ``k`` first, where ``f(k) = w_max``; with an explicit
-    ``alpha`` the polynomial's own range guard applies (:func:`fx_spectral.constraints.soft_cap`).
+    ``alpha`` the polynomial's own range guard applies (:func:`fx_spectral.projections.soft_cap`).
     """
 
     alpha: float | None = None

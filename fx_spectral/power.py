@@ -2,7 +2,7 @@ r"""The power iteration, its constants, and the u/v state: one rule for every wa
 
 Ground floor (torch only). The eager API (:mod:`fx_spectral.nn`), the graph transform and the
 ``"spectral"`` backend (:mod:`fx_spectral.graph`), the projection ops
-(:func:`fx_spectral.constraints.power_iterate`), the method handlers (:mod:`fx_spectral.methods`)
+(:func:`fx_spectral.projections.power_iterate`), the method handlers (:mod:`fx_spectral.methods`)
 and the sharded path (:mod:`fx_spectral.distributed`) all read this module:
 
 .. math::
@@ -64,6 +64,9 @@ TORCH_REGISTER_STEP = 1
 #: Steps :func:`init_uv` runs on the persistent u/v buffers (eager API, transform, backend): 16, so
 #: that for the same RNG state our first forward equals torch's spectral_norm's.
 N_INIT = N_WARMUP + TORCH_REGISTER_STEP
+#: Steps an inexact ``Constraint.report(exact=False)`` runs from the stored vectors (plus the
+#: :func:`start_vectors` warm-up when none fit), one process or sharded alike.
+N_REPORT = 2
 
 
 def n_fresh(n_iter: int) -> int:

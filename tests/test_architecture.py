@@ -32,7 +32,8 @@ LAYERS: dict[str, int] = {
     "power.py": 0,
     "coupling.py": 0,
     "deprecation.py": 0,
-    "constraints.py": 1,
+    "constraints.py": 1,  # shim of projections.py
+    "projections.py": 1,
     "methods.py": 1,
     "nn.py": 1,
     "graph/": 2,
@@ -40,8 +41,11 @@ LAYERS: dict[str, int] = {
     "operator_norms.py": 2,
     "conv_bounds.py": 2,
     "operator_norm.py": 2,  # deprecated shim of operator_norms
+    "distributed_projection.py": 2,
     "lipschitz.py": 2,
-    "constrain.py": 3,
+    "selection.py": 2,
+    "constrain.py": 3,  # shim of constraint.py + selection.py
+    "constraint.py": 3,
     "certify_rules.py": 3,
     "certify_graph.py": 3,
     "certificates.py": 3,
@@ -86,7 +90,7 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            for alias in node.names:  # `from fx_spectral import constraints` imports the submodule
+            for alias in node.names:  # `from fx_spectral import projections` imports the submodule
                 sub = f"{name}.{alias.name}"
                 found.add(sub if sub in modules else name)
         elif (

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_qwen3_config
 from torch import nn
 
-from fx_spectral import constraints as C
-from fx_spectral.constrain import METHODS, Constraint, HardCap, SoftCap, constrain
+from fx_spectral import projections as C
+from fx_spectral.constraint import METHODS, Constraint, HardCap, SoftCap, constrain
 
 
 def rms_norm(W: torch.Tensor, dim: int = 0) -> float:
@@ -357,6 +357,33 @@ def test_report_estimate_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_report_estimate_follows_the_one_start_rule():
+    """report(exact=False): power.start_vectors (the stored vectors if they fit the weight, else the
+    seeded fresh start and its warm-up) and power.N_REPORT steps, as the sharded report."""
+    import zlib
+
+    from fx_spectral import power
+    from fx_spectral.projections import power_iterate
+
+    model = mlp()
+    handle = constrain(model, torch.optim.SGD(model.parameters(), lr=0.1), "hard_cap", initial_projection=False)
+    t = handle.targets[0]
+    W = t.param.detach()
+    seed = zlib.crc32(t.fqn.encode())
+
+    def expected(stored):
+        u, v, warm = power.start_vectors(stored, *W.shape, seed, dtype=W.dtype)
+        return float(power_iterate(W, power.N_REPORT + warm, u=u, v=v)[1])
+
+    fresh = expected(None)
+    assert handle.report(exact=False)[t.fqn]["sigma_raw"] == fresh  # 2 + 15 steps from the seeded start
+    u, v = torch.randn(W.shape[0]), torch.randn(W.shape[1])
+    handle.vectors.put(t, None, u / u.norm(), v / v.norm())
+    assert handle.report(exact=False)[t.fqn]["sigma_raw"] == expected((u / u.norm(), v / v.norm()))
+    handle.vectors.put(t, None, torch.ones(W.shape[0] + 1), torch.ones(W.shape[1]))  # no longer fits
+    assert handle.report(exact=False)[t.fqn]["sigma_raw"] == fresh  # a fresh start, not an error
+
+
 def test_coupling_follows_lr_changes_and_load_state_dict():
     model = mlp()
     muon = torch.optim.Muon([model[2].weight], lr=0.02)
@@ -608,7 +635,7 @@ def test_a_failed_projection_writes_nothing_and_names_the_weight():
     model(x).sum().backward()
     with torch.no_grad():
         model[4].weight.grad[0, 0] = float("nan")  # the last weight turns NaN in the step
-    from fx_spectral.constrain import ProjectionError
+    from fx_spectral.constraint import ProjectionError
 
     with pytest.raises(ProjectionError, match=r"'4\.weight' after the optimizer step .*NaN.*already happened"):
         opt.step()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fx_spectral.constrain import Piece, Target, constrain
+from fx_spectral.constraint import Piece, Target, constrain
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""fx_spectral.constraints: every op checked against an SVD of its input (float64 references)."""
+"""fx_spectral.projections: every op checked against an SVD of its input (float64 references)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fx_spectral import constraints as C
+from fx_spectral import projections as C
 
 
 def with_spectrum(s, m, n, *, batch=(), seed=0, dtype=torch.float64):

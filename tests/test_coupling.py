@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fx_spectral import constraints as C
 from fx_spectral import coupling
 from fx_spectral import methods as K
+from fx_spectral import projections as C
 
 MUON_GROUP = {"lr": 0.02, "weight_decay": 0.1, "ns_coefficients": (3.4445, -4.7750, 2.0315), "ns_steps": 5,
               "adjust_lr_fn": None}

@@ -13,7 +13,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fx_spectral
 from fx_spectral import kinds
-from fx_spectral.constrain import constrain, default_names
+from fx_spectral.constraint import constrain, default_names
 from fx_spectral.graph import ops as graph_ops
 from fx_spectral.graph import transform
 from fx_spectral.graph.backend import prepare

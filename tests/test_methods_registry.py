@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fx_spectral.methods as K
-from fx_spectral import constraints as C
+from fx_spectral import projections as C
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import torch
 from spawned import run_on_ranks
 from torch import nn
 
-from fx_spectral import constraints as C
-from fx_spectral.constrain import constrain
+from fx_spectral import projections as C
+from fx_spectral.constraint import constrain
 from fx_spectral.methods import HardCap
 from fx_spectral.msign import MSIGN_RANGE, msign, msign_clip, polar_express_coefficients
 

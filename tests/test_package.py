@@ -23,17 +23,55 @@ def _run(code: str) -> None:
 
 
 def test_public_names_are_the_functions():
-    importlib.import_module("fx_spectral.constrain")  # a later submodule import must not shadow the function
+    importlib.import_module("fx_spectral.constraint")  # a later submodule import must not shadow the function
     for name in PUBLIC:
         obj = getattr(fx_spectral, name)
         assert callable(obj) and not isinstance(obj, type(fx_spectral)), name
     for name in CONSTRAINT_OPS:
-        assert callable(getattr(fx_spectral.constraints, name)), name
+        assert callable(getattr(fx_spectral.projections, name)), name
+
+
+#: renamed module path (this branch's moves) -> (its new module(s), names it re-exports).
+MOVED_MODULES = {
+    "fx_spectral.constraints": (["fx_spectral.projections"], CONSTRAINT_OPS + ["HARD_CAP_COEFFICIENTS", "_g"]),
+    "fx_spectral.constrain": (
+        ["fx_spectral.constraint", "fx_spectral.selection"],
+        ["constrain", "Constraint", "Target", "_Target", "Piece", "VectorStore", "ProjectionError", "SoftCap",
+         "METHODS", "default_names", "HEAD_NAMES", "_ACTIVE", "_match", "_owners", "initial_projection_method"],
+    ),
+}
+
+
+def test_moved_module_paths_warn_and_give_the_same_objects():
+    import pytest
+
+    for old, (news, names) in MOVED_MODULES.items():
+        sys.modules.pop(old, None)  # a fresh import, so the warning fires here whatever ran before
+        with pytest.warns(DeprecationWarning, match=news[0].replace(".", r"\.")):
+            shim = importlib.import_module(old)
+        for name in names:
+            homes = [importlib.import_module(n) for n in news]
+            found = [getattr(m, name) for m in homes if hasattr(m, name)]
+            assert found and getattr(shim, name) is found[0], (old, name)
+    import types
+
+    assert isinstance(importlib.import_module("fx_spectral.constraint"), types.ModuleType)
+    assert not isinstance(fx_spectral.constrain, types.ModuleType)  # the function, whatever was imported
+    # the package attribute of the old ops namespace still works, with the warning
+    _run(
+        "import warnings, fx_spectral, fx_spectral.projections as P\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from fx_spectral import constraints as C\n"
+        "assert C.soft_cap is P.soft_cap and C._DEFAULT_FRESH_ITERATIONS == P._DEFAULT_FRESH_ITERATIONS\n"
+        "assert any(issubclass(x.category, DeprecationWarning) and 'projections' in str(x.message) for x in w)\n"
+        "assert 'constraints' not in fx_spectral.__all__ and 'projections' in fx_spectral.__all__\n"
+    )
 
 
 def test_all_and_dir_list_every_public_name():
     assert sorted(fx_spectral.__all__) == fx_spectral.__all__
-    assert set(PUBLIC) | {"constraints", "lipschitz_bound", "spectral_sigma"} <= set(fx_spectral.__all__)
+    assert set(PUBLIC) | {"projections", "lipschitz_bound", "spectral_sigma"} <= set(fx_spectral.__all__)
     for name in fx_spectral.__all__:
         assert name in dir(fx_spectral), name
         assert getattr(fx_spectral, name) is getattr(fx_spectral, name)

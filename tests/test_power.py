@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fx_spectral
-from fx_spectral import constraints, methods, power
+from fx_spectral import methods, power, projections
 from fx_spectral import nn as sn
 from fx_spectral.graph import owners, transform
 from fx_spectral.graph.backend import prepare
@@ -88,7 +88,7 @@ def test_dim_none_normalizes_the_whole_tensor():
 def test_constants():
     assert power.N_WARMUP == 15 and power.TORCH_REGISTER_STEP == 1  # torch's __init__ and register check
     assert power.N_INIT == 16 == sn.N_WARMUP_ITERATIONS  # eager/transform/backend buffers: torch parity
-    assert methods.N_WARMUP_ITERATIONS == constraints._DEFAULT_FRESH_ITERATIONS == 15  # constrain's fresh starts
+    assert methods.N_WARMUP_ITERATIONS == projections._DEFAULT_FRESH_ITERATIONS == 15  # constrain's fresh starts
     assert power.n_fresh(2) == 17
 
 

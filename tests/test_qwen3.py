@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_qwen3_config
 
-from fx_spectral.constrain import constrain
+from fx_spectral.constraint import constrain
 from fx_spectral.integrations.hf import qwen3_roles
 
 transformers = pytest.importorskip("transformers")

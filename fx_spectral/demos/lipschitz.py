@@ -9,7 +9,7 @@ validation when ``crc32(name) % 10 == 0``; deterministic, no download).
 Two models start from the same weights and see the same batches:
 
 * **constrained**: ``torch.optim.Muon`` on the hidden matrices (Q, K, V, O, MLP) with
-  :func:`fx_spectral.constrain.constrain` projecting them after every step (default: the exact
+  :func:`fx_spectral.constraint.constrain` projecting them after every step (default: the exact
   cap ``"hard_cap"`` with ``mode="eigh"``); every token is projected onto the ball of radius
   ``attn_ball * sqrt(dim)`` before each attention (1-Lipschitz, so free in the bound; it keeps the
   attention's softmax term from growing with depth); the LM head has its own Muon and its own cap
@@ -163,7 +163,7 @@ class _StepTimer:
 
 
 def _build_constrained(model: nn.Module, cfg: DemoConfig):
-    from fx_spectral.constrain import constrain
+    from fx_spectral.constraint import constrain
 
     hidden = [p for n, p in model.named_parameters() if _hidden(n, p)]
     others = [p for n, p in model.named_parameters() if not _hidden(n, p) and n != "lm_head.weight"]

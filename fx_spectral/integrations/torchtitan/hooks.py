@@ -21,13 +21,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fx_spectral.constrain import (
-    Constraint,
-    _match,  # the glob rule constrain uses (only * and ? are wildcards)
-    constrain,
-)
+from fx_spectral.constraint import Constraint, constrain
 from fx_spectral.integrations.torchtitan.config import SpectralConfig
 from fx_spectral.integrations.torchtitan.state import SpectralState, canonical_name
+from fx_spectral.selection import match as _match  # the glob rule constrain uses (only * and ? are wildcards)
 
 __all__ = [
     "SpectralRun",
@@ -114,7 +111,7 @@ def _head_includes(model: nn.Module) -> list[str]:
 
 
 class SpectralRun:
-    """What :func:`attach` sets up: one :class:`~fx_spectral.constrain.Constraint` per model part,
+    """What :func:`attach` sets up: one :class:`~fx_spectral.constraint.Constraint` per model part,
     step timing, metrics (:meth:`metrics`) and checkpoint state (:attr:`state`).
 
     Attributes:
@@ -244,7 +241,7 @@ def attach(
 
 def _default_names(model: nn.Module) -> list[str]:
     # constrain's default selection (needed when the head is added to it): the same function.
-    from fx_spectral.constrain import default_names
+    from fx_spectral.selection import default_names
 
     return default_names(model)
 
