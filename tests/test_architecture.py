@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "constraints.py": 1,
     "methods.py": 1,
     "nn.py": 1,
+    "sn_autograd.py": 1,
     "graph/": 2,
     "distributed.py": 2,
     "operator_norm.py": 2,
