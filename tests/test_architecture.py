@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "methods.py": 1,
     "nn.py": 1,
     "sn_autograd.py": 1,
+    "sn_operator.py": 1,
     "graph/": 2,
     "distributed.py": 2,
     "operator_norm.py": 2,
