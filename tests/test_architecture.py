@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "nn.py": 1,
     "sn_autograd.py": 1,
     "sn_operator.py": 1,
+    "sn_modules.py": 1,
     "graph/": 2,
     "distributed.py": 2,
     "operator_norm.py": 2,
