@@ -5,6 +5,12 @@ modules are Linear / Conv / ConvTranspose, their ``dim`` and matrix view) and :m
 (the power iteration, its constants and the u/v rule). The rest of fx_spectral builds on its math
 (:func:`normalize_weight`).
 
+This module is the public API and its argument checks; the work lives in three modules it imports
+and re-exports (every name stays reachable as ``fx_spectral.nn.<name>``):
+:mod:`fx_spectral.sn_autograd` (``W / sigma``, sigma's estimate, the autograd Functions, the fused
+forwards), :mod:`fx_spectral.sn_operator` (operator mode) and :mod:`fx_spectral.sn_modules` (the
+generated ``Spectral{Base}`` subclasses: class swap, Lazy modules, ``.to()``, pickling).
+
 .. math::
     \bar W = \frac{W}{\sigma(W)}, \qquad
     u \leftarrow \frac{W v}{\lVert W v \rVert},\quad
@@ -28,31 +34,90 @@ hooks, no parametrization containers: one power-iteration update per training fo
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
-from torch.nn.parameter import UninitializedBuffer, UninitializedTensorMixin, is_lazy
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from fx_spectral import power as P
 from fx_spectral.kinds import (
     CONV,
-    CONV_T_FN,
     CONV_TRANSPOSE,
     LINEAR,
     MODULE_TYPES,
     default_dim,
     kind_of,
-    stock_kind,
     weight_matrix,
+)
+
+# The implementation modules; every name they define was defined here before the split and stays
+# importable from fx_spectral.nn (the graph pass, tests and old pickles use several private ones).
+from fx_spectral.sn_autograd import (  # noqa: F401
+    _CONV_T_FN,
+    _add_outer_,
+    _compute_dtype,
+    _conv_forward,
+    _conv_out_numel,
+    _conv_transpose_forward,
+    _divide,
+    _divide_output,
+    _DivideBySigma,
+    _estimate_sigma,
+    _functorch_active,
+    _init_uv,
+    _linear_forward,
+    _normalize_or_keep,
+    _normalize_weight,
+    _op_over_sigma,
+    _OpOverSigma,
+    _power_iteration,
+    _recomputing,
+    _sigma_with_grad,
+    _sn_weight,
+    _SNParam,
+    normalize_weight,
+    power_iteration_,
+)
+from fx_spectral.sn_modules import (  # noqa: F401
+    _apply,
+    _base_class,
+    _fast_forward,
+    _generic_forward,
+    _initialize_parameters,
+    _LazyUV,
+    _operator_load_from_state_dict,
+    _operator_save_to_state_dict,
+    _param_property,
+    _rebuild,
+    _reduce_ex,
+    _spectral_class,
+    _swap_class,
+    _uv_set_aside,
+)
+from fx_spectral.sn_operator import (  # noqa: F401
+    _OPERATOR_FORWARD,
+    N_OPERATOR_WARMUP_ITERATIONS,
+    _buffer_output_padding,
+    _conv_operator_forward,
+    _conv_transpose_operator_forward,
+    _ConvOperator,
+    _materialize_operator_uv,
+    _op_adjoint,
+    _op_apply,
+    _op_pad,
+    _operator_normalized_weight,
+    _operator_of,
+    _operator_weight,
+    _spec_operator,
+    _write_uv_,
+    conv_operator_spec,
+    operator_init_uv,
+    operator_normalized_weight,
 )
 
 __all__ = [
@@ -74,9 +139,6 @@ __all__ = [
 # torch runs 15 in _SpectralNorm.__init__ plus one more when register_parametrization checks the
 # parametrization with a training forward: 16 gives torch's initial u/v for the same RNG state.
 N_WARMUP_ITERATIONS = P.N_INIT
-# Operator mode: a conv's top singular values lie close together (neighbouring frequencies), so the
-# power iteration converges far slower than on the small reshaped kernel; one-example convs are cheap.
-N_OPERATOR_WARMUP_ITERATIONS = 100
 
 _LINEAR = LINEAR.module_types
 _CONV = CONV.module_types
@@ -84,775 +146,6 @@ _CONV_T = CONV_TRANSPOSE.module_types
 #: Module types :func:`apply_spectral_norm` normalizes (their Lazy variants subclass these): the
 #: default-selected kinds of :mod:`fx_spectral.kinds`.
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = MODULE_TYPES
-
-
-# --------------------------------------------------------------------------------------------
-# Math (shared with the graph transform)
-# --------------------------------------------------------------------------------------------
-
-
-# default_dim(module) and weight_matrix(weight, dim) come from fx_spectral.kinds (re-exported here).
-
-
-def _normalize_or_keep(t: Tensor, old: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    # (t / ||t||, ||t||) over the whole tensor (an operator-mode u/v is shaped like an example), or
-    # the old vector where ||t|| <= eps: power.normalize_or_keep's plain rule.
-    return P.normalize_or_keep(t, old, eps, dim=None)
-
-
-@torch.no_grad()
-def _power_iteration(
-    w_mat: Tensor, u_buf: Tensor, v_buf: Tensor, n_iter: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    # Returns fresh (u, v, ||W^T u||) in w_mat's dtype; the last norm is sigma = u^T W v.
-    u, v, norm = P.iterate(w_mat, None, u_buf.to(w_mat.dtype), v_buf.to(w_mat.dtype), n_iter, eps)
-    # NB: the float32 buffers are updated in place.
-    if _functorch_active():
-        # torch.func refuses copy_ into a captured tensor; an out= op is allowed (torch's own way).
-        torch.mul(u, 1, out=u_buf), torch.mul(v, 1, out=v_buf)
-    else:
-        u_buf.copy_(u)
-        v_buf.copy_(v)
-    return u, v, norm
-
-
-def power_iteration_(w_mat: Tensor, u: Tensor, v: Tensor, n_iter: int, eps: float) -> tuple[Tensor, Tensor]:
-    r"""Run ``n_iter`` power-iteration steps on the matrix ``w_mat`` (no grad).
-
-    One step is :math:`u = \mathrm{normalize}(W v)`, then :math:`v = \mathrm{normalize}(W^\top u)`
-    (torch's order). NB: ``u`` and ``v`` are updated in place; the returned tensors are fresh
-    copies of their new values, safe to save for backward while the buffers move on.
-    """
-    u_new, v_new, _ = _power_iteration(w_mat, u, v, n_iter, eps)
-    return u_new, v_new
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 for fp16/bf16/fp32 weights; float64 weights keep float64 (gradcheck, science).
-    return P.compute_dtype(dtype)
-
-
-def normalize_weight(
-    weight: Tensor,
-    u: Tensor,
-    v: Tensor,
-    *,
-    dim: int = 0,
-    n_power_iterations: int = 1,
-    eps: float = 1e-12,
-    training: bool = True,
-) -> Tensor:
-    r"""Return ``weight / sigma``, updating the float32 buffers ``u``/``v`` in place when training.
-
-    .. math::
-        \sigma = u^\top W v, \qquad
-        \frac{\partial L}{\partial W} = \frac{1}{\sigma}\Big(G - \langle G, \bar W\rangle\, u v^\top\Big)
-
-    (``G`` the gradient w.r.t. :math:`\bar W = W/\sigma`; u, v are constants, as in torch.)
-    Sigma is computed in float32 (float64 for float64 weights) with autocast disabled; the result
-    is cast back to ``weight.dtype``. A zero weight gives a zero result (sigma is clamped to ``eps``).
-
-    Example::
-
-        >>> w = torch.randn(8, 4, requires_grad=True)
-        >>> u = F.normalize(torch.randn(8), dim=0); v = F.normalize(torch.randn(4), dim=0)
-        >>> w_bar = normalize_weight(w, u, v)  # NB: u, v updated in place
-    """
-    device_type = weight.device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _normalize_weight(weight, u, v, dim, n_power_iterations, eps, training)
-    return _normalize_weight(weight, u, v, dim, n_power_iterations, eps, training)
-
-
-def _normalize_weight(
-    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool
-) -> Tensor:
-    needs_grad = weight.requires_grad and torch.is_grad_enabled()
-    u, v, sigma = _estimate_sigma(weight, u, v, dim, n_iter, eps, training, needs_grad)
-    if _functorch_active():
-        # torch.func (grad, vmap, jacrev) refuses our autograd.Functions: plain differentiable ops.
-        return _divide(weight, _sigma_with_grad(weight, u, v, sigma, dim))
-    if needs_grad:
-        return _DivideBySigma.apply(weight, u, v, sigma, dim)
-    return _divide(weight, sigma)
-
-
-def _functorch_active() -> bool:
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
-
-
-def _recomputing() -> bool:
-    """Whether this forward is activation checkpointing's recompute (``torch.utils.checkpoint``,
-    either kind), which runs inside backward. It must reproduce the forward's sigma from the u/v
-    that forward left, without a second power-iteration update (that would advance u/v twice per
-    step and give backward a slightly different sigma than forward used)."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
-@torch.no_grad()
-def _estimate_sigma(
-    weight: Tensor, u: Tensor, v: Tensor, dim: int, n_iter: int, eps: float, training: bool, needs_grad: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    # (u, v, sigma) in the compute dtype; u/v are fresh tensors wherever they get saved for backward.
-    w_mat = weight_matrix(weight.to(_compute_dtype(weight.dtype)), dim)
-    if training and _recomputing():
-        # Replays the forward's last half-step from the u it left (bitwise the same v and sigma);
-        # no second update of the buffers.
-        u = u.to(w_mat.dtype, copy=True)
-        v, sigma = _normalize_or_keep(torch.mv(w_mat.t(), u), v.to(w_mat.dtype), eps)
-        return u, v, sigma.clamp_min(eps)
-    if training:
-        u, v, sigma = _power_iteration(w_mat, u, v, n_iter, eps)
-        return u, v, sigma.clamp_min(eps)
-    # NB: copies when saved for backward: a later training forward updates the buffers in place.
-    u, v = u.to(w_mat.dtype, copy=needs_grad), v.to(w_mat.dtype, copy=needs_grad)
-    sigma = torch.dot(u, torch.mv(w_mat, v))
-    # Stale u/v may give any sign; only an exact zero (a zero weight) needs the guard.
-    return u, v, torch.where(sigma == 0, eps, sigma)
-
-
-def _divide(weight: Tensor, sigma: Tensor) -> Tensor:
-    if weight.dtype == sigma.dtype:
-        return weight / sigma
-    return (weight.to(sigma.dtype) / sigma).to(weight.dtype)
-
-
-class _DivideBySigma(torch.autograd.Function):
-    """``W / sigma`` with sigma = uᵀ W v, and a fused backward (3 passes over W instead of ~7).
-
-    Under ``create_graph=True`` the backward differentiates a recomputation instead, so that
-    double backward (Hessian-vector products w.r.t. W) works as with torch's spectral_norm.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
-        out = _divide(weight, sigma)
-        ctx.save_for_backward(out, u, v, sigma, weight)
-        ctx.dim = dim
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        out, u, v, sigma, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            w_bar = _divide(weight, _sigma_with_grad(weight, u, v, sigma, ctx.dim))
-            return torch.autograd.grad(w_bar, weight, grad, create_graph=True)[0], None, None, None, None
-        g = grad if grad.dtype == sigma.dtype else grad.to(sigma.dtype)
-        # c = <G, W/sigma>: the part of G along the direction that only rescales W.
-        if out.dtype == sigma.dtype:
-            c = torch.dot(g.reshape(-1), out.reshape(-1))
-        else:
-            c = torch.sum(g * out.to(sigma.dtype))
-        grad_w = g / sigma
-        # NB: in place on the fresh grad_w: grad_w -= (c / sigma) u v^T, in the matrix view.
-        _add_outer_(grad_w, u * (c / sigma), v, ctx.dim, alpha=-1.0)
-        return grad_w if grad_w.dtype == grad.dtype else grad_w.to(grad.dtype), None, None, None, None
-
-
-def _sigma_with_grad(weight: Tensor, u: Tensor, v: Tensor, sigma: Tensor, dim: int) -> Tensor:
-    """``sigma``'s value with the gradient of uᵀ W v (u, v constants): for differentiable backwards."""
-    s = torch.dot(u, torch.mv(weight_matrix(weight.to(sigma.dtype), dim), v))
-    return s - s.detach() + sigma
-
-
-# Fresh float32 u/v: random unit vectors + N_WARMUP_ITERATIONS steps (torch's u/v for the same RNG state).
-_init_uv = P.init_uv
-
-
-# --------------------------------------------------------------------------------------------
-# Per-parameter configuration and the spectral subclasses
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _SNParam:
-    dim: int
-    n_power_iterations: int
-    eps: float
-    mode: str = "matrix"  # "operator": sigma of the convolution operator (see _operator_forward)
-    where: str = field(default="", compare=False)  # the module path, for error messages
-
-
-def _sn_weight(module: nn.Module, name: str) -> Tensor:
-    cfg: _SNParam = module._sn_params[name]
-    return normalize_weight(
-        module._parameters[name],
-        module._buffers[name + "_u"],
-        module._buffers[name + "_v"],
-        dim=cfg.dim,
-        n_power_iterations=cfg.n_power_iterations,
-        eps=cfg.eps,
-        training=module.training,
-    )
-
-
-def _divide_output(module: nn.Module, input: Tensor, out_numel: int) -> bool:
-    """Whether ``op(x, W)/sigma + b`` beats ``op(x, W/sigma) + b`` for this call.
-
-    Dividing the output skips the W-sized passes (W/sigma, and three more in backward) for ~4
-    output-sized ones, so it wins when the output is the smaller tensor: an MLP at small batch,
-    the wide late layers of a conv net. Eager float32 only, where both are equal to rounding;
-    under torch.compile the weight route fuses away anyway.
-    """
-    weight = module.weight
-    return (
-        5 * out_numel < 4 * weight.numel()
-        and input.dtype == weight.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(input.device.type)
-        and not _functorch_active()
-    )
-
-
-def _op_over_sigma(module: nn.Module, input: Tensor, conv_args: tuple | None) -> Tensor:
-    cfg: _SNParam = module._sn_params["weight"]
-    weight = module.weight
-    needs_grad = torch.is_grad_enabled() and (weight.requires_grad or input.requires_grad)
-    u, v, sigma = _estimate_sigma(
-        weight, module.weight_u, module.weight_v, cfg.dim, cfg.n_power_iterations, cfg.eps, module.training,
-        needs_grad,
-    )
-    return _OpOverSigma.apply(input, weight, module.bias, u, v, sigma, cfg.dim, conv_args)
-
-
-def _linear_forward(self, input: Tensor) -> Tensor:
-    if _divide_output(self, input, math.prod(input.shape[:-1]) * self.out_features):
-        return _op_over_sigma(self, input, None)
-    return F.linear(input, _sn_weight(self, "weight"), self.bias)
-
-
-def _conv_out_numel(module: nn.Module, input: Tensor, transposed: bool, output_padding=None) -> int:
-    n = len(module.kernel_size)
-    numel = module.out_channels * (input.shape[0] if input.dim() == n + 2 else 1)
-    for i in range(n):
-        length, k, s, p, d = (
-            input.shape[-n + i], module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
-        )
-        if transposed:
-            numel *= (length - 1) * s - 2 * p + d * (k - 1) + output_padding[i] + 1
-        else:
-            numel *= (length + 2 * p - d * (k - 1) - 1) // s + 1
-    return numel
-
-
-def _conv_forward(self, input: Tensor) -> Tensor:
-    if (
-        self.padding_mode == "zeros"
-        and not isinstance(self.padding, str)
-        and input.dim() == len(self.kernel_size) + 2  # aten.convolution wants a batch dim
-        and _divide_output(self, input, _conv_out_numel(self, input, False))
-    ):
-        conv_args = (self.stride, self.padding, self.dilation, False, (0,) * len(self.kernel_size), self.groups)
-        return _op_over_sigma(self, input, conv_args)
-    return self._conv_forward(input, _sn_weight(self, "weight"), self.bias)
-
-
-_CONV_T_FN = CONV_T_FN  # spatial dims -> F.conv_transpose{d}d (the kinds table)
-
-
-def _conv_transpose_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
-    if self.padding_mode != "zeros":
-        raise ValueError(f"Only `zeros` padding mode is supported for {type(self).__name__}")
-    n = len(self.kernel_size)
-    output_padding = self._output_padding(
-        input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
-    )
-    if input.dim() == n + 2 and _divide_output(self, input, _conv_out_numel(self, input, True, output_padding)):
-        conv_args = (self.stride, self.padding, self.dilation, True, tuple(output_padding), self.groups)
-        return _op_over_sigma(self, input, conv_args)
-    return _CONV_T_FN[n](
-        input, _sn_weight(self, "weight"), self.bias, self.stride, self.padding,
-        output_padding, self.groups, self.dilation,
-    )
-
-
-class _OpOverSigma(torch.autograd.Function):
-    r"""``op(x, W / sigma, b)`` computed as ``op(x, W) / sigma + b`` for op = linear or convolution.
-
-    Backward, with :math:`z = op(x, W)` and :math:`G` the output gradient: the usual input and
-    weight gradients of ``op`` for :math:`G/\sigma`, plus the sigma term
-    :math:`-\frac{\langle G, z\rangle}{\sigma^2} u v^\top` added in place to the weight gradient
-    (in its matrix view), and :math:`\nabla_b = \sum G` over all but the channel dimension.
-    ``conv_args`` is ``(stride, padding, dilation, transposed, output_padding, groups)``, or None
-    for linear.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, u, v, sigma, dim: int, conv_args: tuple | None) -> Tensor:
-        if conv_args is None:
-            z = F.linear(x, weight)
-        else:
-            z = torch.ops.aten.convolution(x, weight, None, *conv_args)
-        # The raw z is saved (backward needs <G, z>), the output is a fresh tensor: an in-place op on
-        # it (ReLU(inplace=True)) leaves the saved one alone. One output-sized pass: z / sigma + b.
-        ctx.save_for_backward(x, weight, u, v, sigma, z)
-        ctx.dim, ctx.conv_args = dim, conv_args
-        if bias is None:
-            return z / sigma
-        return torch.addcdiv(bias if conv_args is None else bias.view(-1, *[1] * (z.dim() - 2)), z, sigma)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, weight, u, v, sigma, z = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():
-            # create_graph=True (R1 / WGAN-GP penalties): differentiate a recomputation instead,
-            # so that this backward is itself differentiable w.r.t. x and W (sigma's term included).
-            w_bar = weight / _sigma_with_grad(weight, u, v, sigma, ctx.dim)
-            if ctx.conv_args is None:
-                out = F.linear(x, w_bar)
-            else:
-                out = torch.ops.aten.convolution(x, w_bar, None, *ctx.conv_args)
-            wanted = [t for t, need in ((x, need_x), (weight, need_w)) if need]
-            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            grad_x, grad_w = next(grads) if need_x else None, next(grads) if need_w else None
-            grad_b = None
-            if need_b:
-                dims = [d for d in range(grad.dim()) if d != (grad.dim() - 1 if ctx.conv_args is None else 1)]
-                grad_b = grad.sum(dims)
-            return grad_x, grad_w, grad_b, None, None, None, None, None
-        g = grad / sigma
-        grad_x = grad_w = grad_b = None
-        if ctx.conv_args is None:
-            g2 = g.reshape(-1, g.shape[-1])
-            if need_x:
-                grad_x = g2.mm(weight).view(x.shape)
-            if need_w:
-                grad_w = g2.t().mm(x.reshape(-1, x.shape[-1]))
-            if need_b:
-                grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
-        else:
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                g, x, weight, None, *ctx.conv_args, [need_x, need_w, False]
-            )
-            if need_b:
-                grad_b = grad.sum([d for d in range(grad.dim()) if d != 1])
-        if need_w:
-            c = torch.dot(g.reshape(-1), z.reshape(-1)).div_(sigma)  # <G, z> / sigma^2
-            # NB: in place on the fresh weight gradient: grad_w -= c u v^T in the matrix view.
-            _add_outer_(grad_w, u * c, v, ctx.dim, alpha=-1.0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
-
-
-def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int, alpha: float = 1.0) -> None:
-    """NB: in place: ``weight_matrix(t, dim) += alpha * outer(a, b)``, one kernel, no outer materialized."""
-    if dim == 0 and t.is_contiguous():
-        t.flatten(1).addr_(a, b, alpha=alpha)  # a view of contiguous t (zero-size included)
-    else:
-        moved = t.movedim(dim, 0)
-        moved.addcmul_(a.view(-1, *[1] * (moved.dim() - 1)), b.view(1, *moved.shape[1:]), value=alpha)
-
-
-# --------------------------------------------------------------------------------------------
-# Operator mode: sigma of the convolution operator itself
-# --------------------------------------------------------------------------------------------
-#
-# The conv's operator A(W): one input example (C_in, *spatial_in) -> one output example. It is
-# an optional padding map P (padding_mode != "zeros", or an asymmetric padding="same") followed by
-# aten.convolution with numeric padding; its adjoint is P^T after convolution_backward's input
-# gradient (for conv and conv_transpose alike). v is shaped like one input example, u like one
-# output example: their shapes fix the operator (for ConvTranspose, u's shape fixes output_padding).
-
-
-@dataclass(frozen=True)
-class _ConvOperator:
-    pre_pad: tuple[int, ...] | None  # F.pad amounts, last dim first; None: no padding map
-    pad_mode: str  # F.pad mode: "constant", "circular", "reflect", "replicate"
-    conv_args: tuple  # aten.convolution's (stride, padding, dilation, transposed, output_padding, groups)
-
-
-def _operator_of(module: nn.Module, output_padding: tuple[int, ...] | None) -> _ConvOperator:
-    n = len(module.kernel_size)
-    stride, dilation, groups = tuple(module.stride), tuple(module.dilation), module.groups
-    if isinstance(module, _CONV_T):
-        args = (stride, tuple(module.padding), dilation, True, tuple(output_padding), groups)
-        return _ConvOperator(None, "constant", args)
-    zero_args = (stride, (0,) * n, dilation, False, (0,) * n, groups)
-    if isinstance(module.padding, str):
-        if module.padding == "valid":
-            return _ConvOperator(None, "constant", zero_args)
-        # "same": left = total // 2, right = the rest (torch's split, asymmetric for even kernels).
-        lr = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(dilation, module.kernel_size)]
-    else:
-        if module.padding_mode == "zeros":
-            return _ConvOperator(None, "constant", (stride, tuple(module.padding)) + zero_args[2:])
-        lr = [(p, p) for p in module.padding]
-    pad = tuple(x for pair in reversed(lr) for x in pair)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    return _ConvOperator(pad, mode, zero_args)
-
-
-def _op_pad(op: _ConvOperator, v: Tensor) -> Tensor:
-    return v if op.pre_pad is None else F.pad(v, op.pre_pad, mode=op.pad_mode)
-
-
-def _op_apply(op: _ConvOperator, w: Tensor, v: Tensor) -> Tensor:
-    """A(W) v for a batch of one: v (1, C_in, *spatial_in)."""
-    return torch.ops.aten.convolution(_op_pad(op, v), w, None, *op.conv_args)
-
-
-def _op_adjoint(op: _ConvOperator, w: Tensor, u: Tensor, v_like: Tensor) -> Tensor:
-    """A(W)^T u, shaped like ``v_like`` (the conv's input gradient, then the padding map's adjoint)."""
-    g = torch.ops.aten.convolution_backward(u, _op_pad(op, v_like), w, None, *op.conv_args, [True, False, False])[0]
-    if op.pre_pad is None:
-        return g
-    n = v_like.dim() - 2
-    if op.pad_mode in ("reflect", "replicate"):
-        kind = "reflection" if op.pad_mode == "reflect" else "replication"
-        return getattr(torch.ops.aten, f"{kind}_pad{n}d_backward")(g, v_like, list(op.pre_pad))
-    for j in range(n):  # constant / circular, one spatial dim at a time (last dim first, as F.pad)
-        d, (left, right), size = g.dim() - 1 - j, op.pre_pad[2 * j: 2 * j + 2], v_like.shape[-1 - j]
-        core = g.narrow(d, left, size)
-        if op.pad_mode == "circular":
-            # the left pad copied x[size-left:], the right pad x[:right]: add their gradients back there.
-            lead, tail = list(core.shape), list(core.shape)
-            lead[d], tail[d] = size - left, size - right
-            core = core + torch.cat([g.new_zeros(lead), g.narrow(d, 0, left)], d)
-            core = core + torch.cat([g.narrow(d, left + size, right), g.new_zeros(tail)], d)
-        g = core
-    return g
-
-
-def _write_uv_(u_buf: Tensor, v_buf: Tensor, u: Tensor, v: Tensor) -> None:
-    # NB: the float32 buffers are updated in place.
-    if _functorch_active():
-        torch.mul(u, 1, out=u_buf), torch.mul(v, 1, out=v_buf)
-    else:
-        u_buf.copy_(u)
-        v_buf.copy_(v)
-
-
-def _buffer_output_padding(module: nn.Module) -> tuple[int, ...] | None:
-    """ConvTranspose: the output_padding that maps v's spatial shape to u's; None for Conv."""
-    if not isinstance(module, _CONV_T):
-        return None
-    n = len(module.kernel_size)
-    pads = []
-    for i in range(n):
-        length, k, s, p, d = (module.weight_v.shape[1 + i], module.kernel_size[i], module.stride[i],
-                              module.padding[i], module.dilation[i])
-        pads.append(module.weight_u.shape[1 + i] - ((length - 1) * s - 2 * p + d * (k - 1) + 1))
-    return tuple(pads)
-
-
-@torch.no_grad()
-def _materialize_operator_uv(module: nn.Module, spatial: tuple[int, ...], output_padding) -> None:
-    """Create u/v for one input example of spatial shape ``spatial``, with the warm-up iterations."""
-    # NB: materializes the module's lazy u/v buffers in place.
-    cfg: _SNParam = module._sn_params["weight"]
-    u, v = operator_init_uv(module.weight, conv_operator_spec(module, output_padding),
-                            (module.in_channels, *spatial), cfg.eps)
-    for buf, val in ((module.weight_u, u), (module.weight_v, v)):
-        buf.materialize(val.shape, device=val.device, dtype=torch.float32)
-        buf.copy_(val)
-
-
-def _operator_normalized_weight(module: nn.Module, training: bool) -> Tensor:
-    r"""``W / sigma_op`` with :math:`\sigma_{op} = \langle u, A(W) v\rangle` (u, v constants: the gradient
-    of sigma w.r.t. W is the conv's weight gradient for input v and output gradient u)."""
-    cfg: _SNParam = module._sn_params["weight"]
-    spec = conv_operator_spec(module, _buffer_output_padding(module))
-    return operator_normalized_weight(
-        module.weight, module.weight_u, module.weight_v, spec,
-        n_power_iterations=cfg.n_power_iterations, eps=cfg.eps, training=training,
-    )
-
-
-def conv_operator_spec(module: nn.Module, output_padding: Iterable[int] | None = None) -> tuple:
-    """The operator of a Conv/ConvTranspose 1-3d as a plain hashable tuple (for graphs): ``(pre_pad, pad_mode,
-    stride, padding, dilation, transposed, output_padding, groups)`` (ints, tuples and a str only).
-
-    ``pre_pad`` is None or the ``F.pad`` amounts of the padding map applied before ``aten.convolution``
-    (``padding_mode != "zeros"``, or an asymmetric ``padding="same"``). ``output_padding`` is needed for
-    ConvTranspose (the one its forward uses); ignored for Conv.
-
-    Example::
-
-        >>> conv_operator_spec(nn.Conv2d(3, 8, 3, padding=1))
-        (None, 'constant', (1, 1), (1, 1), (1, 1), False, (0, 0), 1)
-    """
-    if isinstance(module, _CONV_T) and output_padding is None:
-        output_padding = tuple(module.output_padding)
-    op = _operator_of(module, None if output_padding is None else tuple(output_padding))
-    return (op.pre_pad, op.pad_mode) + tuple(op.conv_args)
-
-
-def _spec_operator(spec: tuple) -> _ConvOperator:
-    return _ConvOperator(spec[0], spec[1], tuple(spec[2:]))
-
-
-@torch.no_grad()
-def operator_init_uv(weight: Tensor, spec: tuple, input_shape: Iterable[int], eps: float = 1e-12
-                     ) -> tuple[Tensor, Tensor]:
-    r"""Initial float32 ``(u, v)`` of operator mode for one input example of shape ``input_shape``
-    (``(C_in, *spatial)``): random unit vectors, then ``N_OPERATOR_WARMUP_ITERATIONS`` power-iteration
-    steps :math:`u \leftarrow A v/\lVert A v\rVert,\ v \leftarrow A^\top u/\lVert A^\top u\rVert` (as
-    ``spectral_norm(..., mode="operator")`` does at the first forward). ``spec``: :func:`conv_operator_spec`.
-
-    Returns:
-        ``u`` shaped like one output example, ``v`` like one input example (no batch dimension).
-    """
-    op = _spec_operator(spec)
-    weight = weight.detach().float()
-    v = F.normalize(weight.new_empty(1, *input_shape).normal_(0, 1).flatten(), dim=0, eps=eps)
-    v = v.view(1, *input_shape)
-    out = _op_apply(op, weight, v)
-    u = F.normalize(torch.randn_like(out).flatten(), dim=0, eps=eps).view_as(out)
-    for _ in range(N_OPERATOR_WARMUP_ITERATIONS):
-        u, _ = _normalize_or_keep(_op_apply(op, weight, v), u, eps)
-        v, _ = _normalize_or_keep(_op_adjoint(op, weight, u, v), v, eps)
-    return u[0].contiguous(), v[0].contiguous()
-
-
-def operator_normalized_weight(
-    weight: Tensor, u: Tensor, v: Tensor, spec: tuple, *, n_power_iterations: int = 1, eps: float = 1e-12,
-    training: bool = True,
-) -> Tensor:
-    r"""``W / sigma_op``: the weight of a Conv/ConvTranspose normalized by the norm of its operator.
-
-    .. math:: u \leftarrow \frac{A(W) v}{\lVert A(W) v\rVert},\quad
-              v \leftarrow \frac{A(W)^\top u}{\lVert A(W)^\top u\rVert},\quad
-              \sigma_{op} = \langle u, A(W) v\rangle,\quad \bar W = W / \sigma_{op}
-
-    The functional form of ``spectral_norm(..., mode="operator")`` (its forward computes exactly this),
-    for graphs: ``u``/``v`` are the float32 buffers (one output / input example, no batch dimension),
-    ``spec`` is :func:`conv_operator_spec`. Training: ``n_power_iterations`` steps without gradient, then
-    NB: ``u``/``v`` are updated in place; sigma is clamped to ``>= eps``. Eval: no update (sigma from
-    copies of u/v), ``eps`` only where sigma is exactly 0. The gradient flows through ``W`` in sigma.
-
-    Example::
-
-        >>> conv = nn.Conv2d(3, 8, 3, padding=1)
-        >>> spec = conv_operator_spec(conv)
-        >>> u, v = operator_init_uv(conv.weight, spec, (3, 16, 16))
-        >>> w_bar = operator_normalized_weight(conv.weight, u, v, spec, training=False)
-    """
-    op = _spec_operator(spec)
-    dt = _compute_dtype(weight.dtype)
-    w = weight.to(dt)
-    with torch.no_grad():
-        wd = w.detach()
-        uc, vc = u.to(dt).unsqueeze(0), v.to(dt).unsqueeze(0)
-        if training and not _recomputing():  # a checkpoint recompute reuses the forward's u/v
-            for _ in range(n_power_iterations):
-                uc, _ = _normalize_or_keep(_op_apply(op, wd, vc), uc, eps)
-                vc, _ = _normalize_or_keep(_op_adjoint(op, wd, uc, vc), vc, eps)
-            _write_uv_(u, v, uc[0], vc[0])
-        elif weight.requires_grad and torch.is_grad_enabled():
-            # NB: copies saved for backward: a later training forward updates the buffers in place.
-            uc, vc = uc.clone(), vc.clone()
-        v_in = _op_pad(op, vc)
-    sigma = torch.sum(uc * torch.ops.aten.convolution(v_in, w, None, *op.conv_args))
-    # Training: sigma = ||A^T u|| >= 0; eval: stale u/v may give any sign, only an exact 0 needs the guard.
-    sigma = sigma.clamp_min(eps) if training else torch.where(sigma == 0, eps, sigma)
-    return (w / sigma).to(weight.dtype)
-
-
-def _operator_weight(module: nn.Module, input: Tensor, output_padding: tuple[int, ...] | None) -> Tensor:
-    """The normalized weight for this forward: checks (or, at the first forward, sets) the input shape."""
-    n = len(module.kernel_size)
-    spatial = tuple(input.shape[-n:])
-    if isinstance(module.weight_v, UninitializedTensorMixin):  # (is_lazy, in a form dynamo traces)
-        if torch.compiler.is_compiling():
-            raise RuntimeError(f"{module._sn_params['weight'].where}: operator-mode u/v are created at the "
-                               "first forward; run one eager forward (or pass input_shape=) before torch.compile")
-        _materialize_operator_uv(module, spatial, output_padding)
-    have = tuple(module.weight_v.shape[1:])
-    if have != spatial:
-        raise ValueError(
-            f"{module._sn_params['weight'].where}: operator-mode spectral norm was set up for inputs of spatial "
-            f"shape {have} (weight_v has shape {tuple(module.weight_v.shape)}), got an input of spatial shape "
-            f"{spatial}; the operator norm depends on the input shape. Re-apply spectral_norm(..., "
-            "mode='operator', input_shape=...) for the new shape, or keep the input shape fixed"
-        )
-    if output_padding is not None and tuple(output_padding) != _buffer_output_padding(module):
-        raise ValueError(
-            f"{module._sn_params['weight'].where}: operator-mode u/v were set up for output spatial shape "
-            f"{tuple(module.weight_u.shape[1:])}; this call's output_size gives output_padding "
-            f"{tuple(output_padding)} instead of {_buffer_output_padding(module)}"
-        )
-    device_type = input.device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _operator_normalized_weight(module, module.training)
-    return _operator_normalized_weight(module, module.training)
-
-
-def _conv_operator_forward(self, input: Tensor) -> Tensor:
-    return self._conv_forward(input, _operator_weight(self, input, None), self.bias)
-
-
-def _conv_transpose_operator_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
-    if self.padding_mode != "zeros":
-        raise ValueError(f"Only `zeros` padding mode is supported for {type(self).__name__}")
-    n = len(self.kernel_size)
-    output_padding = tuple(self._output_padding(
-        input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
-    ))
-    return _CONV_T_FN[n](
-        input, _operator_weight(self, input, output_padding), self.bias, self.stride, self.padding,
-        output_padding, self.groups, self.dilation,
-    )
-
-
-_OPERATOR_FORWARD = {_conv_forward: _conv_operator_forward, _conv_transpose_forward: _conv_transpose_operator_forward}
-
-
-def _operator_save_to_state_dict(self, destination, prefix, keep_vars):
-    # Before the first forward u/v are uninitialized: save them as they are (as the Lazy modules do).
-    if not is_lazy(self._buffers["weight_u"]):
-        return self._sn_base._save_to_state_dict(self, destination, prefix, keep_vars)
-    with _uv_set_aside(self) as uv:
-        self._sn_base._save_to_state_dict(self, destination, prefix, keep_vars)
-    for key in ("weight_u", "weight_v"):
-        destination[prefix + key] = uv[key]
-
-
-def _operator_load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-    # A module that has not run yet has lazy u/v: take their shape (the input shape) from the checkpoint.
-    for key in ("weight_u", "weight_v"):
-        buf, src = self._buffers.get(key), state_dict.get(prefix + key)
-        if buf is not None and is_lazy(buf) and isinstance(src, Tensor):
-            # NB: materializes the buffer in place; the base class then copies the values.
-            buf.materialize(src.shape, device=buf.device, dtype=torch.float32)
-    return self._sn_base._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
-
-
-def _generic_forward(self, *args, **kwargs):
-    # NB: the normalized weights are served by the class properties while forward runs.
-    self.__dict__["_sn_active"] = {name: _sn_weight(self, name) for name in self._sn_params}
-    try:
-        return self._sn_base_forward(*args, **kwargs)
-    finally:
-        del self.__dict__["_sn_active"]
-
-
-def _param_property(name: str) -> property:
-    def fget(self):
-        active = self.__dict__.get("_sn_active")
-        return active[name] if active is not None else self._parameters[name]
-
-    return property(fget, doc=f"raw parameter {name!r}; W / sigma while forward runs")
-
-
-def _fast_forward(base: type[nn.Module]) -> Callable | None:
-    """The fused forward for an unmodified Linear / Conv / ConvTranspose class, else None."""
-    fused = {LINEAR: _linear_forward, CONV: _conv_forward, CONV_TRANSPOSE: _conv_transpose_forward}
-    return fused.get(stock_kind(base))
-
-
-def _rebuild(base: type[nn.Module], names: tuple[str, ...], operator: bool = False) -> nn.Module:
-    cls = _spectral_class(base, names, operator)
-    return cls.__new__(cls)
-
-
-def _reduce_ex(self, protocol):
-    # Pickle / deepcopy by the importable base class, not the generated subclass. The state goes
-    # in the third slot so copy/pickle memoize the new object before copying the state: an un-run
-    # Lazy module's hooks are bound methods of the module itself.
-    return _rebuild, (self._sn_base, self._sn_class_names, self._sn_operator), self.__getstate__()
-
-
-class _LazyUV(UninitializedBuffer):
-    """The u/v of a Lazy module that has not run yet. Unlike UninitializedBuffer it can be
-    deep-copied (as UninitializedParameter can), so an un-run model can be copied."""
-
-    def __deepcopy__(self, memo):
-        if id(self) not in memo:
-            memo[id(self)] = type(self)(device=self.device, dtype=self.dtype)
-        return memo[id(self)]
-
-
-def _initialize_parameters(self, *args, **kwargs):
-    # Lazy modules: materialize u/v right after the weight, before LazyModuleMixin checks that
-    # nothing is left uninitialized (and before the first normalized forward).
-    # u/v leave _buffers while the base initializes: the Lazy modules skip reset_parameters()
-    # while anything (our u/v included) is still uninitialized.
-    with _uv_set_aside(self) as uv:
-        self._sn_base.initialize_parameters(self, *args, **kwargs)
-    for name, cfg in self._sn_params.items():
-        if is_lazy(uv[name + "_u"]) and cfg.mode == "operator":
-            input = args[0] if args else kwargs["input"]
-            n = len(self.kernel_size)
-            output_padding = None
-            if isinstance(self, _CONV_T):
-                output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
-                output_padding = tuple(self._output_padding(
-                    input, output_size, self.stride, self.padding, self.kernel_size, n, self.dilation
-                ))
-            _materialize_operator_uv(self, tuple(input.shape[-n:]), output_padding)
-        elif is_lazy(uv[name + "_u"]):
-            u, v = _init_uv(self._parameters[name], cfg.dim, cfg.eps)
-            for buf, val in ((uv[name + "_u"], u), (uv[name + "_v"], v)):
-                buf.materialize(val.shape, device=val.device, dtype=torch.float32)
-                buf.copy_(val)
-
-
-@contextlib.contextmanager
-def _uv_set_aside(module: nn.Module):
-    """Take the u/v buffers out of ``module._buffers`` for the duration; yields them by key."""
-    # NB: mutates module._buffers; restores it (in its original order) even on error.
-    keys = list(module._buffers)
-    uv = {k: module._buffers.pop(k) for n in module._sn_params for k in (n + "_u", n + "_v")}
-    try:
-        yield uv
-    finally:
-        rest = module._buffers
-        module._buffers = {k: uv[k] if k in uv else rest[k] for k in keys}
-
-
-def _apply(self, fn, recurse=True):
-    # u/v stay float32 under .to(dtype) / .half(): move them by device only, never through fn's
-    # dtype (a round trip through fp16 would lose their precision).
-    with _uv_set_aside(self) as uv:
-        self._sn_base._apply(self, fn, recurse)
-        for k, b in uv.items():
-            device = fn(b).device
-            if is_lazy(b):
-                uv[k] = _LazyUV(device=device, dtype=torch.float32)
-            elif b.is_meta and device.type != "meta":
-                # to_empty() after a meta-device build: there are no values to move. Restart from
-                # the uniform unit vector; the training forwards' power iteration converges from it.
-                uv[k] = torch.full(b.shape, max(b.numel(), 1) ** -0.5, dtype=torch.float32, device=device)
-            else:
-                uv[k] = b.to(device)
-    return self
-
-
-@functools.cache
-def _spectral_class(base: type[nn.Module], names: tuple[str, ...], operator: bool = False) -> type[nn.Module]:
-    """The cached subclass of ``base`` that normalizes ``names`` in forward (``operator``: operator mode)."""
-    ns: dict = {
-        "_sn_base": base, "_sn_class_names": names, "_sn_operator": operator, "__reduce_ex__": _reduce_ex,
-        "_apply": _apply, "__module__": base.__module__,
-    }
-    fast = _fast_forward(base) if names == ("weight",) else None
-    if operator:
-        ns["forward"] = _OPERATOR_FORWARD[fast]
-        ns["_load_from_state_dict"] = _operator_load_from_state_dict
-        ns["_save_to_state_dict"] = _operator_save_to_state_dict
-    elif fast is not None:
-        ns["forward"] = fast
-    else:
-        ns["forward"] = _generic_forward
-        ns["_sn_base_forward"] = base.forward
-        ns.update({name: _param_property(name) for name in names})
-    if issubclass(base, LazyModuleMixin):
-        ns["initialize_parameters"] = _initialize_parameters
-        if base.cls_to_become is not None:
-            ns["cls_to_become"] = _spectral_class(base.cls_to_become, names, operator)
-    return type(f"Spectral{base.__name__}", (base,), ns)
-
-
-def _base_class(module: nn.Module) -> type[nn.Module]:
-    return getattr(type(module), "_sn_base", type(module))
-
-
-def _swap_class(module: nn.Module) -> None:
-    params = module.__dict__.get("_sn_params", {})
-    operator = any(cfg.mode == "operator" for cfg in params.values())
-    module.__class__ = _spectral_class(_base_class(module), tuple(params), operator) if params else _base_class(module)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 import fx_spectral
-import fx_spectral.nn as sn_impl
+import fx_spectral.sn_autograd as sn_impl
 from fx_spectral.nn import default_dim, spectral_norm, spectral_sigma, weight_matrix
 
 TOL = dict(atol=1e-6, rtol=1e-6)
