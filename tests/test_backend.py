@@ -251,7 +251,7 @@ def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Para
     l_self_modules_fc_parameters_weight__v_new = torch.where(l_self_modules_fc_parameters_weight__v_new_nonzero, l_self_modules_fc_parameters_weight__v_new_unit, fc_weight_v)
     l_self_modules_fc_parameters_weight__u_update = torch.ops.aten.copy_.default(fc_weight_u, l_self_modules_fc_parameters_weight__u_new)
     l_self_modules_fc_parameters_weight__v_update = torch.ops.aten.copy_.default(fc_weight_v, l_self_modules_fc_parameters_weight__v_new)
-    l_self_modules_fc_parameters_weight__sigma = fx_spectral_graph_rewrite_sigma_of(l_self_modules_fc_parameters_weight_, l_self_modules_fc_parameters_weight__u_new, l_self_modules_fc_parameters_weight__v_new, l_self_modules_fc_parameters_weight__v_new_norm, 1e-12)
+    l_self_modules_fc_parameters_weight__sigma = fx_spectral_graph_emit_sigma_of(l_self_modules_fc_parameters_weight_, l_self_modules_fc_parameters_weight__u_new, l_self_modules_fc_parameters_weight__v_new, l_self_modules_fc_parameters_weight__v_new_norm, 1e-12)
     linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_, None)
     linear_over_sigma = linear / l_self_modules_fc_parameters_weight__sigma
     linear_biased = linear_over_sigma + l_self_modules_fc_parameters_bias_

@@ -58,7 +58,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
+    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer_bias = self.layer.bias
     layer = torch._C._nn.linear(x, layer_weight_normalized, layer_bias)
@@ -104,7 +104,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
+    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer = torch.conv2d(x, layer_weight_normalized, None, (2, 2), (1, 1), (1, 1), 1)
     return layer""")
@@ -132,7 +132,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
+    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
     layer_bias = self.layer.bias
     layer = torch.conv_transpose2d(x, layer_weight_normalized, layer_bias, (2, 2), (1, 1), (0, 0), 1, (1, 1))
@@ -167,7 +167,7 @@ def forward(self, x):
     w_v_new = torch.where(w_v_new_nonzero, w_v_new_unit, w_v)
     w_u_update = torch.ops.aten.copy_.default(w_u, w_u_new)
     w_v_update = torch.ops.aten.copy_.default(w_v, w_v_new)
-    w_sigma = fx_spectral_graph_rewrite_sigma_of(w, w_u_new, w_v_new, w_v_new_norm, 1e-12)
+    w_sigma = fx_spectral_graph_emit_sigma_of(w, w_u_new, w_v_new, w_v_new_norm, 1e-12)
     w_normalized = w / w_sigma
     linear = torch._C._nn.linear(x, w_normalized)
     relu = linear.relu()
@@ -292,7 +292,7 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_rewrite_sigma_of(layer_weight_f32, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
+    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight_f32, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
     layer_weight_normalized_f32 = layer_weight_f32 / layer_weight_sigma
     layer_weight_normalized = layer_weight_normalized_f32.to(torch.bfloat16)
     layer = torch._C._nn.linear(x, layer_weight_normalized, None)
@@ -327,7 +327,7 @@ def forward(self, x):
     emb_weight_v_new = torch.where(emb_weight_v_new_nonzero, emb_weight_v_new_unit, emb_weight_v)
     emb_weight_u_update = torch.ops.aten.copy_.default(emb_weight_u, emb_weight_u_new)
     emb_weight_v_update = torch.ops.aten.copy_.default(emb_weight_v, emb_weight_v_new)
-    emb_weight_sigma = fx_spectral_graph_rewrite_sigma_of(emb_weight, emb_weight_u_new, emb_weight_v_new, emb_weight_v_new_norm, 1e-12)
+    emb_weight_sigma = fx_spectral_graph_emit_sigma_of(emb_weight, emb_weight_u_new, emb_weight_v_new, emb_weight_v_new_norm, 1e-12)
     emb_weight_normalized = emb_weight / emb_weight_sigma
     emb = torch._C._nn.linear(x, emb_weight_normalized, None)
     tanh = emb.tanh()

@@ -2,8 +2,10 @@
 
 - :mod:`fx_spectral.graph.ops`: op tables (which ops take a weight, at which argument, its ``dim``),
   re-exported from :mod:`fx_spectral.kinds`.
-- :mod:`fx_spectral.graph.rewrite`: :func:`insert_normalization` / :func:`find_weight_uses`, the
+- :mod:`fx_spectral.graph.rewrite`: :func:`find_weight_uses` / :func:`rewrite_weight`, the
   primitive shared by the transform and the torch.compile backend.
+- :mod:`fx_spectral.graph.emit`: :func:`insert_normalization` and the other nodes it emits
+  (re-exported by :mod:`fx_spectral.graph.rewrite`).
 - :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
   its :class:`TransformConfig`, and :func:`spectral_pass` (the in-place, one-graph pass for
   exported graphs).
