@@ -242,12 +242,14 @@ def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Para
     l_self_modules_fc_parameters_weight__Wv = torch.mv(l_self_modules_fc_parameters_weight__nograd, fc_weight_v)
     l_self_modules_fc_parameters_weight__u_new_norm = torch._C._linalg.linalg_vector_norm(l_self_modules_fc_parameters_weight__Wv)
     l_self_modules_fc_parameters_weight__u_new_nonzero = l_self_modules_fc_parameters_weight__u_new_norm > 1e-12
-    l_self_modules_fc_parameters_weight__u_new_unit = l_self_modules_fc_parameters_weight__Wv / l_self_modules_fc_parameters_weight__u_new_norm
+    l_self_modules_fc_parameters_weight__u_new_safe = l_self_modules_fc_parameters_weight__u_new_norm.clamp_min(1e-12)
+    l_self_modules_fc_parameters_weight__u_new_unit = l_self_modules_fc_parameters_weight__Wv / l_self_modules_fc_parameters_weight__u_new_safe
     l_self_modules_fc_parameters_weight__u_new = torch.where(l_self_modules_fc_parameters_weight__u_new_nonzero, l_self_modules_fc_parameters_weight__u_new_unit, fc_weight_u)
     l_self_modules_fc_parameters_weight__Wtu = torch.mv(l_self_modules_fc_parameters_weight__nograd_t, l_self_modules_fc_parameters_weight__u_new)
     l_self_modules_fc_parameters_weight__v_new_norm = torch._C._linalg.linalg_vector_norm(l_self_modules_fc_parameters_weight__Wtu)
     l_self_modules_fc_parameters_weight__v_new_nonzero = l_self_modules_fc_parameters_weight__v_new_norm > 1e-12
-    l_self_modules_fc_parameters_weight__v_new_unit = l_self_modules_fc_parameters_weight__Wtu / l_self_modules_fc_parameters_weight__v_new_norm
+    l_self_modules_fc_parameters_weight__v_new_safe = l_self_modules_fc_parameters_weight__v_new_norm.clamp_min(1e-12)
+    l_self_modules_fc_parameters_weight__v_new_unit = l_self_modules_fc_parameters_weight__Wtu / l_self_modules_fc_parameters_weight__v_new_safe
     l_self_modules_fc_parameters_weight__v_new = torch.where(l_self_modules_fc_parameters_weight__v_new_nonzero, l_self_modules_fc_parameters_weight__v_new_unit, fc_weight_v)
     l_self_modules_fc_parameters_weight__u_update = torch.ops.aten.copy_.default(fc_weight_u, l_self_modules_fc_parameters_weight__u_new)
     l_self_modules_fc_parameters_weight__v_update = torch.ops.aten.copy_.default(fc_weight_v, l_self_modules_fc_parameters_weight__v_new)

@@ -174,10 +174,11 @@ class _Emitter:
         return self._fn(aten.copy_.default, (dst, src), suffix)
 
     def normalize_or_keep(self, t: Node, old: Node, eps: float, name: str) -> tuple[Node, Node]:
-        # nn._normalize_or_keep: (torch.where(||t|| > eps, t / ||t||, old), ||t||): a zero weight keeps u/v.
+        # power.normalize_or_keep's plain rule: (where(||t|| > eps, t / max(||t||, eps), old), ||t||): a
+        # zero weight keeps u/v, and the untaken branch holds no NaN/inf (t / 0) either.
         norm = self.norm(t, f"{name}_norm")
         ok = self.gt(norm, eps, f"{name}_nonzero")
-        unit = self.div(t, norm, f"{name}_unit")
+        unit = self.div(t, self.clamp_min(norm, eps, f"{name}_safe"), f"{name}_unit")
         return self.where(ok, unit, old, name), norm
 
 
