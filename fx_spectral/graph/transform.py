@@ -27,6 +27,7 @@ from torch.fx.graph_module import _forward_from_src
 
 from fx_spectral import nn as sn
 from fx_spectral import power as P
+from fx_spectral.graph.config import TransformConfig
 from fx_spectral.graph.operator import (
     CONV_T_TYPES,
     CONV_TYPES,
@@ -41,38 +42,6 @@ from fx_spectral.graph.rewrite import find_weight_uses, lower_module_call, lower
 __all__ = ["TransformConfig", "SpectralGraphModule", "transform", "spectral_pass"]
 
 _BACKEND_HINT = 'torch.compile(model, backend="spectral")'
-
-
-@dataclass(frozen=True, kw_only=True)
-class TransformConfig:
-    """What the pass normalizes and how.
-
-    Args:
-        filter_fn: ``filter_fn(module, fqn) -> bool`` on the module owning a weight; False skips it.
-        name: the attribute name(s) of the weights to normalize (the last component of a
-            ``get_attr`` target, ``"weight"`` for the module leaves); None normalizes every weight
-            feeding a linear / conv / conv_transpose op. Default ``"weight"``.
-        n_power_iterations: power-iteration steps per training call. Default 1.
-        eps: guard for the vector norms and for sigma. Default 1e-12.
-        mode: ``"matrix"`` (default: sigma of the reshaped weight, torch's) or ``"operator"`` (Conv /
-            ConvTranspose weights divided by the norm of the convolution operator; Linear as matrix).
-    """
-
-    filter_fn: Callable[[nn.Module, str], bool] | None = None
-    name: str | tuple[str, ...] | None = "weight"
-    n_power_iterations: int = 1
-    eps: float = 1e-12
-    mode: str = "matrix"
-
-    def __post_init__(self):
-        if self.name is not None:
-            object.__setattr__(self, "name", sn._names(self.name, "transform"))
-        sn._check_options(self.n_power_iterations, self.eps, "transform")
-        sn._check_mode(self.mode, "transform")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise TypeError(
-                f"transform: expected filter_fn to be callable(module, fqn) -> bool, got {self.filter_fn!r}"
-            )
 
 
 @dataclass(frozen=True)
