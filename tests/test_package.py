@@ -77,3 +77,26 @@ def test_compile_backend_resolves_without_importing_the_backend_module():
         "y = torch.compile(m, backend='spectral', options={'inner': 'eager'})(torch.randn(2, 4))\n"
         "assert 'weight_u' in dict(m.named_buffers()), 'the backend did not run'\n"
     )
+
+
+def test_old_transform_module_path_warns_and_graph_transform_is_the_function():
+    """graph/transform.py became graph/tracing.py: `import fx_spectral.graph.tracing as t` gives the module,
+    the old path warns and gives the same objects, and `fx_spectral.graph.transform` stays the function
+    whatever was imported first (the deprecated shim included)."""
+    _run(
+        "import types, warnings, pytest\n"
+        "import fx_spectral.graph.tracing as t\n"
+        "assert isinstance(t, types.ModuleType) and t.__name__ == 'fx_spectral.graph.tracing'\n"
+        "with pytest.warns(DeprecationWarning, match=r'fx_spectral\\.graph\\.tracing'):\n"
+        "    import fx_spectral.graph.transform as shim\n"
+        "import sys\n"
+        "shim = sys.modules['fx_spectral.graph.transform']\n"
+        "names = ('transform', 'spectral_pass', 'SpectralGraphModule', 'TransformConfig', '_Weight', '_unpickle')\n"
+        "for name in names:\n"
+        "    assert getattr(shim, name) is getattr(t, name), name\n"
+        "import fx_spectral, fx_spectral.graph\n"
+        "assert fx_spectral.graph.transform is t.transform and fx_spectral.transform is t.transform\n"
+        "assert not isinstance(fx_spectral.graph.transform, types.ModuleType)\n"
+        "from fx_spectral.graph import transform\n"
+        "assert transform is t.transform\n"
+    )

@@ -6,7 +6,7 @@
   primitive shared by the transform and the torch.compile backend.
 - :mod:`fx_spectral.graph.emit`: :func:`insert_normalization` and the other nodes it emits
   (re-exported by :mod:`fx_spectral.graph.rewrite`).
-- :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
+- :mod:`fx_spectral.graph.tracing`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
   its :class:`TransformConfig`, and :func:`spectral_pass` (the in-place, one-graph pass for
   exported graphs).
 - :mod:`fx_spectral.graph.bake`: :func:`bake` (fold 1/sigma into the weights for deployment).
@@ -20,11 +20,13 @@ keeps its name.
 """
 
 import importlib as _importlib
+import sys as _sys
+import types as _types
 
 from fx_spectral.deprecation import renamed
 from fx_spectral.graph.bake import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
-from fx_spectral.graph.transform import SpectralGraphModule, TransformConfig, spectral_pass, transform
+from fx_spectral.graph.tracing import SpectralGraphModule, TransformConfig, spectral_pass, transform
 
 __all__ = [
     "BackendConfig",
@@ -52,3 +54,17 @@ _renamed = renamed(__name__, {"SpectralConfig": "TransformConfig", "SpectralBack
 
 def __getattr__(name: str):
     return _resolve(name) if name == "BackendConfig" else _renamed(name)
+
+
+class _Package(_types.ModuleType):
+    """The graph package's module type: the import system's binding of a submodule on its package
+    (``import fx_spectral.graph.transform``, the deprecated shim) does not hide the public function of
+    the same name."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in __all__ and isinstance(value, _types.ModuleType):
+            return  # NB: the submodule stays reachable as sys.modules["fx_spectral.graph.<name>"]
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

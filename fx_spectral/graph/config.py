@@ -4,7 +4,7 @@ r"""The configurations of the graph side: :class:`TransformConfig` (the FX pass)
 Plain frozen dataclasses validated at creation, with no dependency on dynamo: the compiled-graph
 machinery (:mod:`fx_spectral.graph.compiled`) reads a :class:`BackendConfig` without importing the
 backend module that registers the backend. Both are re-exported where they were first defined
-(``fx_spectral.graph.transform`` / ``fx_spectral.graph.tracing``, ``fx_spectral.graph.backend``).
+(``fx_spectral.graph.tracing``, ``fx_spectral.graph.backend``).
 
 Example::
 
