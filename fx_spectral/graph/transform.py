@@ -7,14 +7,13 @@ objects, the private ones that pickles and older code reference included.
 
 import warnings
 
+from fx_spectral.graph.spectral_module import _rebuild, _unpickle  # noqa: F401  (what older pickles name)
 from fx_spectral.graph.tracing import *  # noqa: F403
 from fx_spectral.graph.tracing import (  # noqa: F401
     SpectralGraphModule,
     TransformConfig,
     __getattr__,  # SpectralConfig, the old class name: warns
     _install_owners,
-    _rebuild,
-    _unpickle,
     _Weight,
     spectral_pass,
     transform,
