@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "remove_spectral_norm": ("fx_spectral.nn", "remove_spectral_norm"),
     "spectral_norm": ("fx_spectral.nn", "spectral_norm"),
     "spectral_sigma": ("fx_spectral.nn", "spectral_sigma"),
-    "transform": ("fx_spectral.graph.transform", "transform"),
+    "transform": ("fx_spectral.graph.tracing", "transform"),
     "bake": ("fx_spectral.graph.baking", "bake"),
     "backend": ("fx_spectral.graph.backend", "backend"),
     "constrain": ("fx_spectral.constraint", "constrain"),

@@ -64,9 +64,7 @@ LAYERS: dict[str, int] = {
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 #: Strongly connected components (as sets of files) that exist today. Only ever remove entries.
-KNOWN_CYCLES: set[frozenset[str]] = {
-    frozenset({"graph/backend.py", "graph/compiled.py"}),  # graph.config will break it
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:

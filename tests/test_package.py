@@ -166,3 +166,27 @@ def test_renamed_modules_are_modules_and_old_paths_are_the_functions():
             f"assert {parent}.{leaf} is m.{function}",
         ]
     _run("\n".join(lines) + "\n")
+
+
+def test_old_transform_module_path_warns_and_graph_transform_is_the_function():
+    """graph/transform.py became graph/tracing.py: `import fx_spectral.graph.tracing as t` gives the module,
+    the old path warns and gives the same objects, and `fx_spectral.graph.transform` stays the function
+    whatever was imported first (the deprecated shim included)."""
+    _run(
+        "import types, warnings, pytest\n"
+        "import fx_spectral.graph.tracing as t\n"
+        "assert isinstance(t, types.ModuleType) and t.__name__ == 'fx_spectral.graph.tracing'\n"
+        "with pytest.warns(DeprecationWarning, match=r'fx_spectral\\.graph\\.tracing'):\n"
+        "    import fx_spectral.graph.transform as shim\n"
+        "import sys\n"
+        "shim = sys.modules['fx_spectral.graph.transform']\n"
+        "for name in ('transform', 'spectral_pass', 'SpectralGraphModule', 'TransformConfig', '_Weight'):\n"
+        "    assert getattr(shim, name) is getattr(t, name), name\n"
+        "import fx_spectral.graph.spectral_module as m\n"
+        "assert shim._Weight is m.PlannedWeight and shim._unpickle is m._unpickle  # what older pickles name\n"
+        "import fx_spectral, fx_spectral.graph\n"
+        "assert fx_spectral.graph.transform is t.transform and fx_spectral.transform is t.transform\n"
+        "assert not isinstance(fx_spectral.graph.transform, types.ModuleType)\n"
+        "from fx_spectral.graph import transform\n"
+        "assert transform is t.transform\n"
+    )

@@ -3,7 +3,7 @@
 normalize_or_keep (plain and overflow-safe) on edge cases, iterate against torch's spectral_norm,
 the warm-up constants, compute_dtype, start vectors, and ensure_uv's rules (create, keep, cast
 back to float32, errors naming the buffer, nothing changed on error) at the helper itself and
-through the graph transform and the backend's prepare.
+through the graph transform and the backend's prepare; the graph emitter's nodes against iterate.
 """
 
 from __future__ import annotations
@@ -308,3 +308,55 @@ def test_eager_api_creates_the_same_u_v_as_the_helper():
     torch.manual_seed(7)
     u, v = sn._init_uv(layer.weight, 0, 1e-12)  # the old private name stays
     assert torch.equal(eager.weight_u, u) and torch.equal(eager.weight_v, v)
+
+
+# --------------------------------------------------------------------------------------------
+# the graph emitter runs the same iteration
+# --------------------------------------------------------------------------------------------
+
+
+def _emitted(weight: torch.Tensor, dim: int, n_iter: int, use_aten: bool):
+    """A graph of insert_sigma on placeholders (w, u, v) -> sigma; the u/v it updates in place."""
+    from fx_spectral.graph.emit import insert_sigma
+
+    graph = torch.fx.Graph()
+    w, u, v = graph.placeholder("w"), graph.placeholder("u"), graph.placeholder("v")
+    sigma = insert_sigma(
+        graph, w, u, v, dim=dim, n_power_iterations=n_iter, eps=1e-12, training=True, use_aten=use_aten,
+        weight_dtype=weight.dtype, weight_ndim=weight.dim(),
+    )
+    graph.output(sigma)
+    return torch.fx.GraphModule(nn.Module(), graph)
+
+
+@pytest.mark.parametrize("use_aten", [False, True], ids=["torch", "aten"])
+@pytest.mark.parametrize(
+    "shape, dim, dtype",
+    [((6, 4), 0, torch.float32), ((3, 5, 2, 2), 1, torch.float32), ((6, 4), 0, torch.float64), ((5, 3), 0, None)],
+    ids=["linear", "conv_t", "float64", "zero"],
+)
+def test_emitted_power_iteration_equals_iterate(shape, dim, dtype, use_aten):
+    """The nodes insert_sigma emits give power.iterate's u, v (bitwise) and sigma = max(||W^T u'||, eps)."""
+    torch.manual_seed(0)
+    weight = torch.zeros(shape) if dtype is None else torch.randn(shape, dtype=dtype)
+    compute = power.compute_dtype(weight.dtype)
+    u0 = F.normalize(torch.randn(weight.movedim(dim, 0).shape[0]), dim=0)
+    v0 = F.normalize(torch.randn(weight.movedim(dim, 0).flatten(1).shape[1]), dim=0)
+    gm = _emitted(weight, dim, 3, use_aten)
+    u, v = u0.clone().to(compute), v0.clone().to(compute)
+    sigma = gm(weight, u, v)  # NB: updates u, v in place
+    w_mat = weight.movedim(dim, 0).flatten(1)
+    ref_u, ref_v, norm = power.iterate(w_mat, None, u0.to(compute), v0.to(compute), 3, 1e-12)
+    assert torch.equal(u, ref_u) and torch.equal(v, ref_v)
+    if dtype is None:  # a zero weight keeps u/v; sigma is eps, and no node holds NaN/inf (not even t / ||t||)
+        assert torch.equal(u, u0) and torch.equal(sigma, torch.tensor(1e-12, dtype=sigma.dtype))
+        values = []
+        interp = torch.fx.Interpreter(gm)
+        run_node = interp.run_node
+        interp.run_node = lambda n: values.append(run_node(n)) or values[-1]
+        interp.run(weight, u0.clone(), v0.clone())
+        assert all(torch.isfinite(x).all() for x in values if isinstance(x, torch.Tensor))
+    elif use_aten:  # ATen graphs take u'^T W v' (= ||W^T u'|| up to rounding)
+        torch.testing.assert_close(sigma, norm.clamp_min(1e-12), atol=0, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    else:  # torch-level graphs take the last norm itself
+        assert torch.equal(sigma, norm.clamp_min(1e-12))

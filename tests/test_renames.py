@@ -19,13 +19,13 @@ import fx_spectral.graph as G
     [
         ("fx_spectral.graph", "SpectralConfig", "TransformConfig"),
         ("fx_spectral.graph", "SpectralBackendConfig", "BackendConfig"),
-        ("fx_spectral.graph.transform", "SpectralConfig", "TransformConfig"),
+        ("fx_spectral.graph.tracing", "SpectralConfig", "TransformConfig"),
         ("fx_spectral.graph.backend", "SpectralBackendConfig", "BackendConfig"),
     ],
 )
 def test_old_config_names_warn_and_are_the_same_class(module, old, new):
     importlib.import_module(module)
-    mod = sys.modules[module]  # fx_spectral.graph.transform the module, not the function
+    mod = sys.modules[module]  # fx_spectral.graph.tracing, the module
     with pytest.warns(DeprecationWarning, match=rf"{old} is deprecated: use .*{new}"):
         alias = getattr(mod, old)
     assert alias is getattr(mod, new)
@@ -33,7 +33,7 @@ def test_old_config_names_warn_and_are_the_same_class(module, old, new):
 
 
 def test_new_names_do_not_warn_and_torchtitan_keeps_its_spectral_config(recwarn):
-    assert G.TransformConfig is sys.modules["fx_spectral.graph.transform"].TransformConfig
+    assert G.TransformConfig is sys.modules["fx_spectral.graph.tracing"].TransformConfig
     assert G.BackendConfig is importlib.import_module("fx_spectral.graph.backend").BackendConfig
     assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
     with pytest.raises(AttributeError, match="no_such_name"):

@@ -2,9 +2,11 @@
 
 - :mod:`fx_spectral.graph.ops`: op tables (which ops take a weight, at which argument, its ``dim``),
   re-exported from :mod:`fx_spectral.kinds`.
-- :mod:`fx_spectral.graph.rewrite`: :func:`insert_normalization` / :func:`find_weight_uses`, the
+- :mod:`fx_spectral.graph.rewrite`: :func:`find_weight_uses` / :func:`rewrite_weight`, the
   primitive shared by the transform and the torch.compile backend.
-- :mod:`fx_spectral.graph.transform`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
+- :mod:`fx_spectral.graph.emit`: :func:`insert_normalization` and the other nodes it emits
+  (re-exported by :mod:`fx_spectral.graph.rewrite`).
+- :mod:`fx_spectral.graph.tracing`: :func:`transform` (symbolic_trace + pass, train/eval graphs),
   its :class:`TransformConfig`, and :func:`spectral_pass` (the in-place, one-graph pass for
   exported graphs).
 - :mod:`fx_spectral.graph.baking`: :func:`bake` (fold 1/sigma into the weights for deployment).
@@ -24,7 +26,7 @@ import types as _types
 from fx_spectral.deprecation import renamed
 from fx_spectral.graph.baking import bake
 from fx_spectral.graph.rewrite import find_weight_uses, insert_normalization, lower_module_call, rewrite_weight
-from fx_spectral.graph.transform import SpectralGraphModule, TransformConfig, spectral_pass, transform
+from fx_spectral.graph.tracing import SpectralGraphModule, TransformConfig, spectral_pass, transform
 
 __all__ = [
     "BackendConfig",
@@ -56,8 +58,8 @@ def __getattr__(name: str):
 
 class _Package(_types.ModuleType):
     """The graph package's module type: the import system's binding of a submodule on its package
-    (``import fx_spectral.graph.bake``, the deprecated shim) does not hide the public function of
-    the same name."""
+    (``import fx_spectral.graph.bake`` or ``fx_spectral.graph.transform``, the deprecated shims) does
+    not hide the public function of the same name."""
 
     def __setattr__(self, name: str, value) -> None:
         if name in __all__ and isinstance(value, _types.ModuleType):

@@ -44,81 +44,13 @@ import torch
 from torch import nn
 
 from fx_spectral.graph.compiled import Slot, SpectralGraph, inner_compile
+from fx_spectral.graph.config import BACKEND_NAME, BackendConfig
+from fx_spectral.graph.dynamo_owners import compile_roots as _compile_roots
+from fx_spectral.graph.dynamo_owners import describe as _describe
 from fx_spectral.graph.operator import conv_consumers
 from fx_spectral.graph.owners import ensure_uv, remember_roots, wanted
 
 __all__ = ["BackendConfig", "backend", "prepare", "spectral_backend"]
-
-BACKEND_NAME = "spectral"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BackendConfig:
-    """Configuration of the ``"spectral"`` backend (frozen; validated at creation).
-
-    Args:
-        inner: the backend compiling the rewritten graph: ``"inductor"`` (default), any registered
-            name (``"aot_eager"``, ``"eager"``...) or a backend callable ``(gm, example_inputs) -> fn``.
-        n_power_iterations: power-iteration steps per training call. Default 1.
-        eps: guard for the vector norms and for sigma. Default 1e-12.
-        filter_fn: ``filter_fn(module, fqn) -> bool`` picks which owning modules are normalized
-            (``fqn`` relative to the root module of the compiled frame). Default: all.
-        name: the parameter name(s) to normalize. Default ``"weight"``.
-        mode: ``"matrix"`` / ``"operator"``: the normalization (default matrix: sigma of the reshaped
-            weight, torch's; operator: Conv / ConvTranspose weights divided by the norm of the
-            convolution operator for the input shape the graph sees, Linear as matrix). Any other
-            string is the torch.compile ``mode`` for the inductor inner backend (e.g.
-            ``"max-autotune"``; with operator mode, pass inductor settings as ``inner_options``).
-        inner_options: inductor config options (``torch.compile(options=...)`` style) for the inner
-            backend; only honoured with ``inner="inductor"``.
-    """
-
-    inner: str | Callable = "inductor"
-    n_power_iterations: int = 1
-    eps: float = 1e-12
-    filter_fn: Callable[[nn.Module, str], bool] | None = None
-    name: str | tuple[str, ...] = "weight"
-    mode: str | None = None
-    inner_options: Mapping[str, Any] | None = None
-
-    def __post_init__(self):
-        from fx_spectral.nn import _check_options, _names
-
-        _check_options(self.n_power_iterations, self.eps, "spectral backend")
-        object.__setattr__(self, "name", _names(self.name, "spectral backend"))
-        if not (isinstance(self.inner, str) or callable(self.inner)):
-            raise TypeError(f"spectral backend: expected `inner` to be a backend name or callable, got {self.inner!r}")
-        if self.filter_fn is not None and not callable(self.filter_fn):
-            raise TypeError(f"spectral backend: expected `filter_fn(module, fqn) -> bool`, got {self.filter_fn!r}")
-        if self.mode is not None and not isinstance(self.mode, str):
-            raise TypeError(f"spectral backend: expected `mode` to be a str, got {self.mode!r}")
-        if self.inner_options is not None and not isinstance(self.inner_options, Mapping):
-            raise TypeError(f"spectral backend: expected `inner_options` to be a dict, got {self.inner_options!r}")
-        if self.inner == BACKEND_NAME:
-            raise ValueError("spectral backend: `inner` cannot be 'spectral' itself; use 'inductor' or 'aot_eager'")
-        if not self._inductor and (self._inductor_mode is not None or self.inner_options):
-            raise ValueError(
-                f"spectral backend: `mode` and `inner_options` are inductor settings, but inner={self.inner!r}; "
-                "drop them or use inner='inductor'"
-            )
-        object.__setattr__(self, "inner_options", dict(self.inner_options or {}))
-
-    @property
-    def _inductor(self) -> bool:
-        return self.inner == "inductor"
-
-    @property
-    def _operator(self) -> bool:
-        """Operator mode (``mode="operator"``)."""
-        return self.mode == "operator"
-
-    @property
-    def _inductor_mode(self) -> str | None:
-        """The torch.compile mode for inductor (``mode`` unless it names the normalization)."""
-        return None if self.mode in _NORM_MODES else self.mode
-
-
-_NORM_MODES = ("matrix", "operator")
 
 
 _CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(BackendConfig))
@@ -261,69 +193,8 @@ def spectral_backend(gm: torch.fx.GraphModule, example_inputs: list, **options) 
 
 
 # --------------------------------------------------------------------------------------------
-# The weights of a graph
+# The weights of a graph (their owners' roots come from graph/dynamo_owners.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _dynamo_frame():
-    """The instruction translator of the frame dynamo is compiling, None outside dynamo (private API)."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        return InstructionTranslator.current_tx()
-    except Exception:  # not under dynamo, or the private API moved
-        return None
-
-
-def _source(node: torch.fx.Node):
-    src = getattr(node, "_dynamo_source", None)
-    if src is None:
-        src = getattr(node.meta.get("grapharg"), "source", None)
-    return src
-
-
-def _describe(node: torch.fx.Node) -> str:
-    src = _source(node)
-    return src.name if src is not None else node.name
-
-
-def _resolve(tx, source) -> Any:
-    output = getattr(tx, "output", None)
-    if hasattr(output, "resolve_source_value"):
-        return output.resolve_source_value(source)
-    return source.get_value({"G": tx.f_globals, "L": tx.f_locals}, {}, {})
-
-
-def _root_module(source, tx, cache: dict) -> nn.Module | None:
-    """The outermost nn.Module on the path of ``source`` (``L['self']`` in ``L['self']._modules['fc']...``)."""
-    chain = []
-    while source is not None:
-        chain.append(source)
-        source = getattr(source, "base", None)
-    for s in reversed(chain):  # from the frame's local / global inwards
-        if s not in cache:
-            try:
-                cache[s] = _resolve(tx, s)
-            except Exception:  # a source dynamo can guard on but we cannot evaluate: try the next one
-                cache[s] = None
-        if isinstance(cache[s], nn.Module):
-            return cache[s]
-    return None
-
-
-def _compile_roots(nodes: list[torch.fx.Node]) -> list[nn.Module]:
-    """The root modules of the frame dynamo is compiling: where the weights' sources start, then its locals."""
-    tx = _dynamo_frame()
-    if tx is None:
-        return []
-    roots: list[nn.Module] = []
-    cache: dict = {}
-    for node in nodes:
-        root = _root_module(_source(node), tx, cache)
-        if root is not None and all(root is not r for r in roots):
-            roots.append(root)
-    local_modules = [m for m in getattr(tx, "f_locals", {}).values() if isinstance(m, nn.Module)]
-    return roots + [m for m in local_modules if all(m is not r for r in roots)]
 
 
 def _plan(gm: torch.fx.GraphModule, example_inputs: list, config: BackendConfig) -> list[Slot]:

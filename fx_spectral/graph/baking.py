@@ -15,7 +15,8 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fx_spectral import nn as sn
-from fx_spectral.graph.transform import SpectralGraphModule, _install_owners
+from fx_spectral.graph.spectral_module import SpectralGraphModule
+from fx_spectral.graph.spectral_module import install_owners as _install_owners
 
 __all__ = ["bake"]
 

@@ -26,7 +26,7 @@ from fx_spectral.graph.operator import CONV_T_TYPES, CONV_TYPES, ensure_operator
 from fx_spectral.graph.owners import ensure_uv, find_owners, wanted
 
 if TYPE_CHECKING:
-    from fx_spectral.graph.backend import BackendConfig
+    from fx_spectral.graph.config import BackendConfig
 
 __all__ = ["Slot", "SpectralGraph", "inner_compile", "static_fakes"]
 

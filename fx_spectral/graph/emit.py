@@ -1,0 +1,549 @@
+r"""The emitter: insert the nodes that turn a weight node into ``W / sigma`` (or divide an op\'s output).
+
+Shared by :func:`fx_spectral.transform` (weights as ``get_attr``) and the torch.compile backend
+(weights as placeholders). The emitted nodes are plain torch ops that follow
+:func:`fx_spectral.nn.normalize_weight` step by step, so the numbers equal the eager API and
+torch's ``spectral_norm`` given the same u/v:
+
+.. math::
+    W_{mat} = \mathrm{flatten}_1(\mathrm{movedim}(W_{32}, dim, 0)), \quad
+    u' = \frac{W_{mat} v}{\lVert W_{mat} v \rVert}, \quad
+    v' = \frac{W_{mat}^\top u'}{\lVert W_{mat}^\top u' \rVert}, \quad
+    \sigma = \max(u'^\top W_{mat} v', \epsilon), \quad \bar W = W / \sigma
+
+(each normalization keeps the old vector where the norm is ``<= eps``: a zero weight gives a zero
+``\bar W``, never NaN). In training ``u'^T W_mat v' = ||W_mat^T u'||``, the last norm of the power
+iteration: torch-level graphs take that value (the eager API's) and its gradient ``u' v'^T``
+from :func:`sigma_of`, without a third matrix-vector product; ATen graphs emit ``dot(u', mv(W, v'))``.
+The power iteration runs on ``W_mat.detach()`` (the graph form of ``torch.no_grad``), so the
+gradient flows through ``W`` in ``sigma`` only.
+
+Weight or output. ``op(x, W/σ) + b`` and ``op(x, W)/σ + b`` are the same function (equal up to
+rounding; autograd through ``z/σ`` with ``σ = uᵀ W v`` gives the same gradient, sigma term
+included). Dividing the weight costs W-sized passes (``W/σ`` in forward; its gradient's reduction
+and rescaling in backward), dividing the output costs output-sized ones (``z/σ + b``; ``⟨G, z⟩``
+and ``G/σ`` in backward) plus one W-sized pass for the rank-one sigma term. :func:`rewrite_weight`
+chooses per op from the shapes recorded in the graph (:func:`divides_output`: output in float32 /
+float64, the weight's dtype, and ``5·numel(out) < 4·numel(W)``, the eager API's rule: an MLP at
+small batch, the wide late layers of a conv net); where the shapes are unknown (a plain
+``symbolic_trace``) or symbolic, the weight is divided, which equals the eager API bitwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch import Tensor, nn
+from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
+from torch.fx import Graph, Node
+
+from fx_spectral import power as P
+from fx_spectral.kinds import is_aten_op, weight_arg, weight_op
+
+__all__ = [
+    "NORMALIZED_META", "SCALED_OUTPUT_META", "insert_normalization", "insert_sigma", "insert_nodes",
+    "divides_output", "scale_output", "sigma_of",
+]
+
+aten = torch.ops.aten
+
+#: ``node.meta`` key on the node of ``W / sigma``: the name of the raw weight node.
+NORMALIZED_META = "fx_spectral_normalized"
+#: ``node.meta`` key on the node of ``op(x, W) / sigma (+ b)``: the name of the raw weight node.
+SCALED_OUTPUT_META = "fx_spectral_scaled_output"
+
+
+# --------------------------------------------------------------------------------------------
+# What is known about a weight node
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_attr(graph: Graph, target: str) -> object:
+    root = graph.owning_module
+    if root is None:
+        return None
+    try:
+        return functools.reduce(getattr, target.split("."), root)
+    except AttributeError:
+        return None
+
+
+def _weight_info(node: Node) -> tuple[torch.dtype | None, int | None]:
+    """(dtype, ndim) of a weight node from its meta (dynamo, export) or its get_attr target; None if unknown."""
+    for key in ("val", "example_value"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor):
+            return val.dtype, val.dim()
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "dtype"):
+        return tm.dtype, len(tm.shape)
+    if node.op == "get_attr":
+        val = _resolve_attr(node.graph, node.target)
+        if isinstance(val, torch.Tensor):
+            if isinstance(val, nn.parameter.UninitializedTensorMixin):
+                return val.dtype, None
+            return val.dtype, val.dim()
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Node emission, torch-level or ATen
+# --------------------------------------------------------------------------------------------
+
+
+class _Emitter:
+    """Creates named nodes at the current insert point, as torch-level ops or as ATen overloads."""
+
+    def __init__(self, graph: Graph, prefix: str, use_aten: bool):
+        self.graph, self.prefix, self.aten = graph, prefix, use_aten
+
+    def _fn(self, target, args, suffix, kwargs=None) -> Node:
+        return self.graph.create_node("call_function", target, args, kwargs or {}, name=f"{self.prefix}_{suffix}")
+
+    def _method(self, method, aten_op, args, suffix) -> Node:
+        if self.aten:
+            return self._fn(aten_op, args, suffix)
+        return self.graph.create_node("call_method", method, args, {}, name=f"{self.prefix}_{suffix}")
+
+    def to_float(self, w, suffix):
+        if self.aten:
+            return self._fn(aten.to.dtype, (w, torch.float32), suffix)
+        return self._method("float", None, (w,), suffix)
+
+    def to_dtype(self, x, dtype, suffix):
+        return self._method("to", aten.to.dtype, (x, dtype), suffix)
+
+    def type_as(self, x, other, suffix):
+        return self._method("type_as", aten.type_as.default, (x, other), suffix)
+
+    def movedim(self, w, dim, suffix):
+        return self._method("movedim", aten.movedim.int, (w, dim, 0), suffix)
+
+    def flatten(self, w, suffix):
+        return self._method("flatten", aten.flatten.using_ints, (w, 1), suffix)
+
+    def detach(self, w, suffix):
+        return self._method("detach", aten.detach.default, (w,), suffix)
+
+    def t(self, w, suffix):
+        return self._method("t", aten.t.default, (w,), suffix)
+
+    def clone(self, w, suffix):
+        return self._method("clone", aten.clone.default, (w,), suffix)
+
+    def eq(self, x, c, suffix):
+        return self._fn(aten.eq.Scalar if self.aten else operator.eq, (x, c), suffix)
+
+    def masked_fill(self, x, mask, value, suffix):
+        return self._method("masked_fill", aten.masked_fill.Scalar, (x, mask, value), suffix)
+
+    def clamp_min(self, x, eps, suffix):
+        return self._method("clamp_min", aten.clamp_min.default, (x, eps), suffix)
+
+    def mv(self, m, x, suffix):
+        return self._fn(aten.mv.default if self.aten else torch.mv, (m, x), suffix)
+
+    def dot(self, a, b, suffix):
+        return self._fn(aten.dot.default if self.aten else torch.dot, (a, b), suffix)
+
+    def norm(self, x, suffix):
+        return self._fn(aten.linalg_vector_norm.default if self.aten else torch.linalg.vector_norm, (x,), suffix)
+
+    def gt(self, x, c, suffix):
+        return self._fn(aten.gt.Scalar if self.aten else operator.gt, (x, c), suffix)
+
+    def div(self, a, b, suffix):
+        return self._fn(aten.div.Tensor if self.aten else operator.truediv, (a, b), suffix)
+
+    def add(self, a, b, suffix):
+        return self._fn(aten.add.Tensor if self.aten else operator.add, (a, b), suffix)
+
+    def view(self, x, shape, suffix):
+        if self.aten:
+            return self._fn(aten.view.default, (x, list(shape)), suffix)
+        return self.graph.create_node("call_method", "view", (x, *shape), {}, name=f"{self.prefix}_{suffix}")
+
+    def where(self, c, a, b, suffix):
+        return self._fn(aten.where.self if self.aten else torch.where, (c, a, b), suffix)
+
+    def copy_(self, dst, src, suffix):
+        # NB: an ATen overload at both levels: aten.copy_ is impure for eliminate_dead_code, while a
+        # call_method "copy_" would be removed as dead code (its result is unused).
+        return self._fn(aten.copy_.default, (dst, src), suffix)
+
+    def normalize_or_keep(self, t: Node, old: Node, eps: float, name: str) -> tuple[Node, Node]:
+        # power.normalize_or_keep's plain rule: (where(||t|| > eps, t / max(||t||, eps), old), ||t||): a
+        # zero weight keeps u/v, and the untaken branch holds no NaN/inf (t / 0) either.
+        norm = self.norm(t, f"{name}_norm")
+        ok = self.gt(norm, eps, f"{name}_nonzero")
+        unit = self.div(t, self.clamp_min(norm, eps, f"{name}_safe"), f"{name}_unit")
+        return self.where(ok, unit, old, name), norm
+
+
+class _RankOneGrad(torch.autograd.Function):
+    """``max(norm, eps)`` with the gradient of ``u^T W v`` w.r.t. ``W`` (``u``, ``v`` constants): ``g u v^T``."""
+
+    @staticmethod
+    def forward(w_mat: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float) -> Tensor:
+        return norm.clamp_min(eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, u, v, _, _ = inputs
+        ctx.save_for_backward(u, v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        u, v = ctx.saved_tensors
+        return grad * torch.outer(u, v), None, None, None, None
+
+
+def sigma_of(w_mat: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float) -> Tensor:
+    r"""``sigma = max(||W^\top u||, eps)`` from the power iteration's last norm, differentiable in ``W``.
+
+    After a power-iteration step :math:`v' = W^\top u' / \lVert W^\top u'\rVert`, so
+    :math:`u'^\top W v' = \lVert W^\top u'\rVert`: the value needs no further pass over ``W`` (it
+    is the value the eager API uses), and its gradient w.r.t. ``W`` with u'/v' held constant is
+    :math:`u' v'^\top` (the rank-one term; ``W`` enters only through ``w_mat``, the matrix view).
+
+    Example::
+
+        >>> w = torch.randn(4, 3, requires_grad=True)
+        >>> u, v = torch.randn(4), torch.randn(3)
+        >>> sigma_of(w, u, v, torch.tensor(2.0), 1e-12).backward()
+        >>> torch.allclose(w.grad, torch.outer(u, v))
+        True
+    """
+    return _RankOneGrad.apply(w_mat, u, v, norm, eps)
+
+
+def _insert_point(graph: Graph, nodes: list[Node]) -> Node:
+    """The node to insert before: right after the last of ``nodes`` (after all placeholders if one is)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max(nodes, key=order.__getitem__)
+    if last.op == "placeholder":
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    return last.next
+
+
+def insert_normalization(
+    graph: Graph,
+    weight: Node,
+    u: Node,
+    v: Node,
+    *,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    training: bool,
+    use_aten: bool | None = None,
+    weight_dtype: torch.dtype | None = None,
+    weight_ndim: int | None = None,
+    autocast_off: str | None = None,
+) -> Node:
+    r"""Insert the nodes computing ``weight / sigma`` and return the node of the normalized weight.
+
+    The nodes go right after the last of ``weight``/``u``/``v`` (after the last placeholder if one
+    of them is a placeholder), so any op that uses ``weight`` can take the returned node instead.
+    Nothing else in the graph changes: redirect the ops yourself (``op.replace_input_with(weight,
+    new)``) or use :func:`rewrite_weight`.
+
+    Training (``training=True``): ``n_power_iterations`` steps of power iteration in float32 on
+    ``W_mat.detach()``, then ``aten.copy_`` of the new u/v into ``u``/``v`` (NB: the buffers are
+    updated in place each time the graph runs), then ``sigma = max(u'^T W_mat v', eps)`` with
+    gradient through ``W`` only (torch-level: :func:`sigma_of` of the last norm; ATen: ``dot`` /
+    ``mv``). Eval (``training=False``): no update; sigma from clones of u/v (so a backward
+    through an eval graph survives a later training step), ``eps`` only where sigma is exactly 0
+    (stale u/v may give a negative sigma; its sign is kept, as in the eager API).
+    The weight is cast to float32 first and the result back to its dtype when it is fp16/bf16
+    (the casts are visible nodes); float64 weights compute in float64 (u/v cast up). When the dtype
+    is unknown (no meta, no resolvable ``get_attr``) ``.float()``/``.type_as(weight)`` are emitted,
+    which are no-ops for float32 weights.
+
+    Args:
+        graph: the graph to edit (NB: mutated in place; call ``recompile()`` on its module after).
+        weight: the node of the raw weight (``get_attr``, placeholder, or any tensor node).
+        u, v: nodes of the float32 power-iteration vectors, of length ``W_mat.shape[0]`` and
+            ``W_mat.shape[1]``; in training they must be mutable buffers / inputs.
+        dim: the output dimension of the weight (0 for linear / conv, 1 for conv_transpose).
+        n_power_iterations: power-iteration steps per run in training (>= 1).
+        eps: guard for the vector norms and for sigma.
+        training: emit the u/v update (True) or not (False).
+        use_aten: emit ATen overloads (``aten.mv.default`` ...) instead of torch-level ops. Default:
+            ATen if any user of ``weight`` is an ATen op (an exported graph), else torch-level.
+        weight_dtype, weight_ndim: the weight's dtype and number of dims, when known to the caller;
+            default: from ``weight.meta`` (``val`` / ``example_value`` / ``tensor_meta``) or the
+            ``get_attr`` target in ``graph.owning_module``. They only choose which casts and views
+            are emitted (a 2-D weight with ``dim=0`` needs no flatten, a float32 one no cast).
+        autocast_off: a device type (``"cuda"``): wrap the emitted nodes in
+            ``torch.amp.autocast_mode._enter_autocast(device, None, False, None)`` /
+            ``_exit_autocast`` (the form dynamo uses for ``with torch.autocast(...)``), so autocast
+            cannot downcast the power iteration (on CUDA ``mv`` is autocast to fp16). Default
+            None: nothing emitted (on CPU ``mv``/``dot`` are not autocast).
+
+    Returns:
+        the node of ``W / sigma`` in the weight's dtype.
+
+    Example::
+
+        >>> gm = torch.fx.symbolic_trace(lambda x, w, u, v: F.linear(x, w))  # doctest: +SKIP
+        >>> for w, uses in find_weight_uses(gm.graph).items():  # doctest: +SKIP
+        ...     new = insert_normalization(gm.graph, w, u_node, v_node, dim=0, n_power_iterations=1,
+        ...                                eps=1e-12, training=True)
+    """
+    return insert_nodes(
+        graph, weight, u, v, "insert_normalization", True, dim=dim, n_power_iterations=n_power_iterations, eps=eps,
+        training=training, use_aten=use_aten, weight_dtype=weight_dtype, weight_ndim=weight_ndim,
+        autocast_off=autocast_off,
+    )[1]
+
+
+def insert_sigma(
+    graph: Graph,
+    weight: Node,
+    u: Node,
+    v: Node,
+    *,
+    dim: int,
+    n_power_iterations: int,
+    eps: float,
+    training: bool,
+    use_aten: bool | None = None,
+    weight_dtype: torch.dtype | None = None,
+    weight_ndim: int | None = None,
+    autocast_off: str | None = None,
+) -> Node:
+    r"""Insert the nodes of :func:`insert_normalization` up to ``sigma`` and return the node of ``sigma``.
+
+    The same power iteration, u/v update and ``sigma = max(u'^\top W_{mat} v', \epsilon)`` (gradient
+    through ``W``), without the division: divide the op's output by it with :func:`scale_output`,
+    or the weight yourself. ``sigma`` is a 0-d tensor in the compute dtype (float32, float64 for
+    float64 weights). Arguments as :func:`insert_normalization`.
+
+    Example::
+
+        >>> sigma = insert_sigma(gm.graph, w, u_node, v_node, dim=0, n_power_iterations=1, eps=1e-12,
+        ...                      training=True)  # doctest: +SKIP
+        >>> scale_output(gm.graph, linear_node, sigma)  # doctest: +SKIP
+    """
+    return insert_nodes(
+        graph, weight, u, v, "insert_sigma", False, dim=dim, n_power_iterations=n_power_iterations, eps=eps,
+        training=training, use_aten=use_aten, weight_dtype=weight_dtype, weight_ndim=weight_ndim,
+        autocast_off=autocast_off,
+    )[0]
+
+
+def insert_nodes(graph, weight, u, v, fn, divide, *, dim, n_power_iterations, eps, training, use_aten, weight_dtype,
+            weight_ndim, autocast_off) -> tuple[Node, Node | None]:
+    """``(sigma, W / sigma or None)``: the nodes of :func:`insert_normalization`, the division if ``divide``.
+
+    The one emitting path behind :func:`insert_normalization`, :func:`insert_sigma` and
+    :func:`fx_spectral.graph.rewrite.rewrite_weight`; ``fn`` names the caller in error messages.
+    """
+    use_aten, dtype, ndim, compute = _prologue(
+        graph, weight, dim, n_power_iterations, use_aten, weight_dtype, weight_ndim, fn
+    )
+    if dim < 0 and ndim is not None:
+        dim %= ndim
+    e = _Emitter(graph, weight.name, use_aten)
+    with graph.inserting_before(_insert_point(graph, [weight, u, v])):
+        with _autocast_region(e, autocast_off):
+            w32, sigma = _emit_sigma(e, weight, u, v, dim, n_power_iterations, eps, training, dtype, ndim, compute)
+            out = _emit_division(e, weight, w32, sigma, dtype, compute) if divide else None
+    return sigma, out
+
+
+def _prologue(graph, weight, dim, n_power_iterations, use_aten, weight_dtype, weight_ndim, fn):
+    """Checks the arguments; returns ``(use_aten, dtype, ndim, compute dtype)``."""
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+        raise ValueError(f"{fn}: expected n_power_iterations to be an int >= 1, got {n_power_iterations!r}")
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"{fn}: expected dim to be an int, got {dim!r}")
+    if use_aten is None:
+        use_aten = any(is_aten_op(user.target) for user in weight.users if user.op == "call_function")
+    dtype, ndim = _weight_info(weight)
+    dtype = dtype if weight_dtype is None else weight_dtype
+    ndim = ndim if weight_ndim is None else weight_ndim
+    compute = P.compute_dtype(dtype)  # float32 for fp16/bf16/fp32 (and unknown) weights, float64 for float64
+    return use_aten, dtype, ndim, compute
+
+
+class _autocast_region:
+    """A ``with`` block emitting ``_enter_autocast(device, None, False, None)`` / ``_exit_autocast`` (or nothing)."""
+
+    def __init__(self, e: _Emitter, device: str | None):
+        self.e, self.device = e, device
+
+    def __enter__(self):
+        if self.device is not None:
+            # NB: enters a no-autocast region (left in __exit__): the estimate must not be downcast.
+            self.ctx = self.e._fn(_enter_autocast, (self.device, None, False, None), "autocast_off")
+
+    def __exit__(self, *exc):
+        if self.device is not None and exc[0] is None:
+            self.e._fn(_exit_autocast, (self.ctx,), "autocast_restore")
+        return False
+
+
+def _emit_sigma(e: _Emitter, weight, u, v, dim, n_power_iterations, eps, training, dtype, ndim, compute):
+    """Emit the power iteration and sigma at the current insert point; returns ``(W in compute dtype, sigma)``."""
+    # W in the compute dtype, viewed as a matrix
+    w32 = weight if dtype == compute else e.to_float(weight, "f32")
+    mat = w32
+    if dim != 0:
+        mat = e.movedim(mat, dim, "moved")
+    if ndim != 2:
+        mat = e.flatten(mat, "mat")
+    if compute == torch.float64:
+        u_cur, v_cur = e.to_dtype(u, compute, "u_f64"), e.to_dtype(v, compute, "v_f64")
+    else:
+        u_cur, v_cur = u, v
+    if training:
+        # power iteration without gradient (nn._power_iteration), torch's order: u first, then v
+        mat_ng = e.detach(mat, "nograd")
+        mat_t = e.t(mat_ng, "nograd_t")
+        for _ in range(n_power_iterations):
+            u_cur, _ = e.normalize_or_keep(e.mv(mat_ng, v_cur, "Wv"), u_cur, eps, "u_new")
+            v_cur, norm = e.normalize_or_keep(e.mv(mat_t, u_cur, "Wtu"), v_cur, eps, "v_new")
+        # NB: in-place update of the u/v buffers; sigma below uses the fresh tensors, not the buffers
+        e.copy_(u, u_cur, "u_update")
+        e.copy_(v, v_cur, "v_update")
+        if e.aten:
+            # sigma = u^T W v (= ||W^T u||), gradient through W only; clamped so a zero weight gives zeros
+            sigma = e.clamp_min(e.dot(u_cur, e.mv(mat, v_cur, "W_v"), "uWv"), eps, "sigma")
+        else:
+            # sigma = ||W^T u'|| (= u'^T W v', the eager API's value) is the last norm of the power
+            # iteration: no third pass over W; its gradient u' v'^T comes from sigma_of (rank one)
+            sigma = e._fn(sigma_of, (mat, u_cur, v_cur, norm, eps), "sigma")
+    else:
+        # NB: clones, so a backward through this graph survives a later in-place u/v update
+        if u_cur is u:
+            u_cur, v_cur = e.clone(u, "u_const"), e.clone(v, "v_const")
+        uwv = e.dot(u_cur, e.mv(mat, v_cur, "W_v"), "uWv")
+        # stale u/v may give either sign; only an exact zero (a zero weight) needs the guard
+        sigma = e.masked_fill(uwv, e.eq(uwv, 0, "uWv_zero"), eps, "sigma")
+    return w32, sigma
+
+
+def _emit_division(e: _Emitter, weight, w32, sigma, dtype, compute) -> Node:
+    """Emit ``W / sigma`` back in the weight's dtype, tagged with :data:`NORMALIZED_META`."""
+    if dtype == compute:
+        out = e.div(weight, sigma, "normalized")
+    elif dtype is not None:
+        out = e.to_dtype(e.div(w32, sigma, "normalized_f32"), dtype, "normalized")
+    else:
+        out = e.type_as(e.div(w32, sigma, "normalized_f32"), weight, "normalized")
+    # Tag the result with the raw weight's name (bake() folds the subgraph back into the weight).
+    out.meta[NORMALIZED_META] = weight.name
+    return out
+
+
+def _meta_tensor(node: object) -> tuple[tuple, torch.dtype] | None:
+    """``(shape, dtype)`` of a node's tensor value from its meta (dynamo, export, ShapeProp); None if unknown."""
+    if not isinstance(node, Node):
+        return None
+    for key in ("val", "example_value"):
+        val = node.meta.get(key)
+        if isinstance(val, torch.Tensor):
+            return tuple(val.shape), val.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "dtype") and hasattr(tm, "shape"):
+        return tuple(tm.shape), tm.dtype
+    if node.op == "get_attr":
+        val = _resolve_attr(node.graph, node.target)
+        if isinstance(val, torch.Tensor) and not isinstance(val, nn.parameter.UninitializedTensorMixin):
+            return tuple(val.shape), val.dtype
+    return None
+
+
+def _numel(shape: tuple) -> int | None:
+    n = 1
+    for d in shape:
+        if not isinstance(d, int):  # a SymInt: sizes are dynamic, no static choice
+            return None
+        n *= d
+    return n
+
+
+def divides_output(op: Node, weight: Node) -> bool:
+    r"""Whether :func:`rewrite_weight` divides the output of ``op`` by sigma rather than ``weight``.
+
+    ``op(x, W)/\sigma + b`` instead of ``op(x, W/\sigma) + b`` (the same function; equal up to
+    rounding) when it moves less memory: the output and the weight have static shapes recorded in
+    the graph (``val`` / ``example_value`` / ``tensor_meta`` meta, or a resolvable ``get_attr``
+    weight), the same dtype, float32 or float64 (so ``op(x, W)`` and sigma share the compute
+    dtype: no casts, no autocast), and
+
+    .. math:: 5 \cdot \mathrm{numel}(op(x, W)) < 4 \cdot \mathrm{numel}(W)
+
+    the rule of the eager API (``fx_spectral.nn``): dividing the weight costs ~5 W-sized passes per
+    training step (``W/\sigma``, the reduction and the rescaling of its gradient), dividing the
+    output ~4 output-sized ones (``z/\sigma + b``, ``\langle G, z\rangle``, ``G/\sigma``) plus the
+    W-sized rank-one sigma term. False when anything is unknown: the weight is then divided.
+
+    Example::
+
+        >>> # F.linear on x (8, 512) with W (512, 512): 5·4096 < 4·262144
+        >>> divides_output(linear_node, weight_node)  # doctest: +SKIP
+        True
+    """
+    if weight_op(op) is None or weight_arg(op) is not weight:
+        return False
+    out, w = _meta_tensor(op), _meta_tensor(weight)
+    if out is None or w is None:
+        return False
+    (out_shape, out_dtype), (w_shape, w_dtype) = out, w
+    out_numel, w_numel = _numel(out_shape), _numel(w_shape)
+    if out_numel is None or w_numel is None:
+        return False
+    return out_dtype == w_dtype and w_dtype in (torch.float32, torch.float64) and 5 * out_numel < 4 * w_numel
+
+
+def scale_output(graph: Graph, op: Node, sigma: Node, *, use_aten: bool | None = None) -> Node:
+    r"""Rewrite ``y = op(x, W, b)`` into ``y = op(x, W) / sigma + b``; return the node of the new ``y``.
+
+    ``op`` is a linear / conv / conv_transpose node (:data:`fx_spectral.graph.ops.WEIGHT_OPS`); its
+    bias argument becomes None and the bias is added after the division (viewed as
+    ``(C, 1, ..., 1)`` for a convolution). Every other user of ``op`` reads the new node. Autograd
+    through ``op(x, W)/\sigma`` with ``sigma`` computed with gradient through ``W`` gives the
+    gradient of ``op(x, W/\sigma)``, sigma term included. The output must be in sigma's dtype
+    (check with :func:`divides_output`). NB: edits ``graph`` in place; the nodes are tagged
+    :data:`SCALED_OUTPUT_META` with the weight's name.
+
+    Example::
+
+        >>> sigma = insert_sigma(graph, w, u, v, dim=0, n_power_iterations=1, eps=1e-12, training=True)
+        >>> y = scale_output(graph, linear_node, sigma)  # doctest: +SKIP
+    """
+    spec = weight_op(op)
+    if spec is None:
+        raise ValueError(f"scale_output: {op.format_node()} is not a linear / conv / conv_transpose op")
+    weight = weight_arg(op)
+    if use_aten is None:
+        use_aten = is_aten_op(op.target)
+    bias = None
+    if len(op.args) > 2:
+        bias = op.args[2]
+        op.args = (*op.args[:2], None, *op.args[3:])
+    elif "bias" in op.kwargs:
+        bias = op.kwargs["bias"]
+        op.kwargs = {**op.kwargs, "bias": None}
+    e = _Emitter(graph, op.name, use_aten)
+    users = list(op.users)
+    name = weight.name if isinstance(weight, Node) else str(weight)
+    with graph.inserting_before(op.next):  # the new nodes in order, right after op
+        out = e.div(op, sigma, "over_sigma")
+        out.meta[SCALED_OUTPUT_META] = name
+        if isinstance(bias, Node):
+            if spec.kind != "linear":
+                info = _meta_tensor(weight)
+                if info is None:
+                    raise ValueError(f"scale_output: the number of dims of the weight of {op.name} is unknown")
+                bias = e.view(bias, (-1, *[1] * (len(info[0]) - 2)), "bias_view")
+            out = e.add(out, bias, "biased")
+            out.meta[SCALED_OUTPUT_META] = name
+    for user in users:
+        user.replace_input_with(op, out)
+    return out
