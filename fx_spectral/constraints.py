@@ -9,8 +9,9 @@ same objects: ``from fx_spectral import constraints as C`` keeps working for one
 import warnings
 
 from fx_spectral import projections as _projections
+from fx_spectral.coupling import _g, _t_peak  # noqa: F401  (the old module's private scalar map)
 from fx_spectral.projections import *  # noqa: F403
-from fx_spectral.projections import __all__, _g, _t_peak  # noqa: F401
+from fx_spectral.projections import __all__  # noqa: F401
 
 warnings.warn(
     "fx_spectral.constraints is deprecated: import fx_spectral.projections (the same ops)",

@@ -501,3 +501,9 @@ def spectral_sigma(module: nn.Module, name: str = "weight") -> Tensor:
             return torch.sum(u * _op_apply(op, module._parameters[name].float(), v.unsqueeze(0))[0])
         w_mat = weight_matrix(module._parameters[name].float(), module._sn_params[name].dim)
         return torch.dot(u, torch.mv(w_mat, v))
+
+
+# Argument checks shared with the graph configs (public: graph/config.py calls them).
+validate_names = _names
+validate_options = _check_options
+validate_mode = _check_mode

@@ -555,5 +555,5 @@ def orthogonalize(
 # Coupling with the optimizer: the math lives in fx_spectral.coupling (the names stay importable here)
 # --------------------------------------------------------------------------------------------
 
-# soft_cap_coupling's old home; _g / _t_peak: the scalar map and its peak, which tests read from here.
-from fx_spectral.coupling import _g, _t_peak, soft_cap_coupling  # noqa: E402, F401
+# soft_cap_coupling's old home.
+from fx_spectral.coupling import soft_cap_coupling  # noqa: E402, F401

@@ -389,3 +389,14 @@ def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int, alpha: float = 1.0) -
         moved = t.movedim(dim, 0)
         moved.addcmul_(a.view(-1, *[1] * (moved.dim() - 1)), b.view(1, *moved.shape[1:]), value=alpha)
 
+
+
+# The names sn_operator and sn_modules use (public: no module reaches into another's private
+# members). The underscore spellings stay the ones this file calls and nn re-exports; tests patch those.
+SNParam = _SNParam
+sn_weight = _sn_weight
+linear_forward = _linear_forward
+conv_forward = _conv_forward
+conv_transpose_forward = _conv_transpose_forward
+functorch_active = _functorch_active
+recomputing = _recomputing

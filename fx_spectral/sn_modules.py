@@ -26,9 +26,14 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedBuffer, is_lazy
 
+from fx_spectral import power as P
 from fx_spectral.kinds import CONV, CONV_TRANSPOSE, LINEAR, stock_kind
-from fx_spectral.sn_autograd import _conv_forward, _conv_transpose_forward, _init_uv, _linear_forward, _sn_weight
-from fx_spectral.sn_operator import _OPERATOR_FORWARD, _materialize_operator_uv
+from fx_spectral.sn_autograd import conv_forward as _conv_forward
+from fx_spectral.sn_autograd import conv_transpose_forward as _conv_transpose_forward
+from fx_spectral.sn_autograd import linear_forward as _linear_forward
+from fx_spectral.sn_autograd import sn_weight as _sn_weight
+from fx_spectral.sn_operator import OPERATOR_FORWARD as _OPERATOR_FORWARD
+from fx_spectral.sn_operator import materialize_operator_uv as _materialize_operator_uv
 
 _CONV_T = CONV_TRANSPOSE.module_types
 
@@ -117,7 +122,7 @@ def _initialize_parameters(self, *args, **kwargs):
                 ))
             _materialize_operator_uv(self, tuple(input.shape[-n:]), output_padding)
         elif is_lazy(uv[name + "_u"]):
-            u, v = _init_uv(self._parameters[name], cfg.dim, cfg.eps)
+            u, v = P.init_uv(self._parameters[name], cfg.dim, cfg.eps)
             for buf, val in ((uv[name + "_u"], u), (uv[name + "_v"], v)):
                 buf.materialize(val.shape, device=val.device, dtype=torch.float32)
                 buf.copy_(val)

@@ -30,16 +30,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedTensorMixin
 
+from fx_spectral import power as P
+from fx_spectral.kinds import CONV_T_FN as _CONV_T_FN
 from fx_spectral.kinds import CONV_TRANSPOSE
 from fx_spectral.sn_autograd import (
-    _CONV_T_FN,
-    _compute_dtype,
-    _conv_forward,
-    _conv_transpose_forward,
-    _functorch_active,
-    _normalize_or_keep,
-    _recomputing,
-    _SNParam,
+    SNParam as _SNParam,
+)
+from fx_spectral.sn_autograd import (
+    conv_forward as _conv_forward,
+)
+from fx_spectral.sn_autograd import (
+    conv_transpose_forward as _conv_transpose_forward,
+)
+from fx_spectral.sn_autograd import (
+    functorch_active as _functorch_active,
+)
+from fx_spectral.sn_autograd import (
+    recomputing as _recomputing,
 )
 
 # Operator mode: a conv's top singular values lie close together (neighbouring frequencies), so the
@@ -205,8 +212,8 @@ def operator_init_uv(weight: Tensor, spec: tuple, input_shape: Iterable[int], ep
     out = _op_apply(op, weight, v)
     u = F.normalize(torch.randn_like(out).flatten(), dim=0, eps=eps).view_as(out)
     for _ in range(N_OPERATOR_WARMUP_ITERATIONS):
-        u, _ = _normalize_or_keep(_op_apply(op, weight, v), u, eps)
-        v, _ = _normalize_or_keep(_op_adjoint(op, weight, u, v), v, eps)
+        u, _ = P.normalize_or_keep(_op_apply(op, weight, v), u, eps, dim=None)
+        v, _ = P.normalize_or_keep(_op_adjoint(op, weight, u, v), v, eps, dim=None)
     return u[0].contiguous(), v[0].contiguous()
 
 
@@ -234,15 +241,15 @@ def operator_normalized_weight(
         >>> w_bar = operator_normalized_weight(conv.weight, u, v, spec, training=False)
     """
     op = _spec_operator(spec)
-    dt = _compute_dtype(weight.dtype)
+    dt = P.compute_dtype(weight.dtype)
     w = weight.to(dt)
     with torch.no_grad():
         wd = w.detach()
         uc, vc = u.to(dt).unsqueeze(0), v.to(dt).unsqueeze(0)
         if training and not _recomputing():  # a checkpoint recompute reuses the forward's u/v
             for _ in range(n_power_iterations):
-                uc, _ = _normalize_or_keep(_op_apply(op, wd, vc), uc, eps)
-                vc, _ = _normalize_or_keep(_op_adjoint(op, wd, uc, vc), vc, eps)
+                uc, _ = P.normalize_or_keep(_op_apply(op, wd, vc), uc, eps, dim=None)
+                vc, _ = P.normalize_or_keep(_op_adjoint(op, wd, uc, vc), vc, eps, dim=None)
             _write_uv_(u, v, uc[0], vc[0])
         elif weight.requires_grad and torch.is_grad_enabled():
             # NB: copies saved for backward: a later training forward updates the buffers in place.
@@ -302,3 +309,8 @@ def _conv_transpose_operator_forward(self, input: Tensor, output_size: list[int]
 
 
 _OPERATOR_FORWARD = {_conv_forward: _conv_operator_forward, _conv_transpose_forward: _conv_transpose_operator_forward}
+
+
+# The names sn_modules uses (public: no module reaches into another's private members).
+OPERATOR_FORWARD = _OPERATOR_FORWARD
+materialize_operator_uv = _materialize_operator_uv

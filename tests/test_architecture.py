@@ -66,6 +66,11 @@ KNOWN_UPWARD: set[tuple[str, str]] = set()
 #: Strongly connected components (as sets of files) that exist today. Only ever remove entries.
 KNOWN_CYCLES: set[frozenset[str]] = set()
 
+#: Files that may name another module's private members: the old module paths kept for a release
+#: (shims re-export what older code and pickles name) and nn.py, whose split-off files' private
+#: names it re-exports under the old ``fx_spectral.nn._name`` spelling.
+COMPAT_FACES: set[str] = {"nn.py", "constraints.py", "constrain.py", "graph/transform.py"}
+
 
 def _modules() -> dict[str, Path]:
     """Dotted module name -> file, for every file of the package."""
@@ -204,3 +209,52 @@ def test_the_documentation_names_every_layer_entry():
     text = DOC.read_text(encoding="utf-8")
     absent = sorted(k for k in LAYERS if f"`{k}`" not in text)
     assert not absent, f"docs/architecture.md does not list: {absent}"
+
+
+def _private_uses(module: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """``from fx_spectral.x import _name`` and ``x._name`` on an imported fx_spectral module, where x is
+    not ``module``'s own package (a package may use its own private submodules)."""
+    own = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    aliases: dict[str, str] = {}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fx_spectral") and not node.level:
+            for a in node.names:
+                if f"{node.module}.{a.name}" in modules:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                elif a.name.startswith("_") and not a.name.startswith("__") and node.module != own:
+                    found.append(f"from {node.module} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("fx_spectral") and a.asname:
+                    aliases[a.asname] = a.name
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_members():
+    modules = _modules()
+    bad = {}
+    for m, p in modules.items():
+        if _file(m, modules) in COMPAT_FACES:
+            continue
+        uses = _private_uses(m, p, modules)
+        if uses:
+            bad[_file(m, modules)] = uses
+    assert not bad, f"private members of other modules: {bad}"
+
+
+def test_the_private_access_checker_sees_both_spellings(tmp_path):
+    path = tmp_path / "x.py"
+    path.write_text("from fx_spectral.nn import _names\nfrom fx_spectral import power as P\nP._hidden\n")
+    modules = {"fx_spectral.power": path, "fx_spectral.nn": path}
+    assert _private_uses("fx_spectral.x", path, modules) == ["from fx_spectral.nn import _names", "P._hidden"]

@@ -33,7 +33,9 @@ def test_public_names_are_the_functions():
 
 #: renamed module path (this branch's moves) -> (its new module(s), names it re-exports).
 MOVED_MODULES = {
-    "fx_spectral.constraints": (["fx_spectral.projections"], CONSTRAINT_OPS + ["HARD_CAP_COEFFICIENTS", "_g"]),
+    "fx_spectral.constraints": (
+        ["fx_spectral.projections", "fx_spectral.coupling"], CONSTRAINT_OPS + ["HARD_CAP_COEFFICIENTS", "_g"]
+    ),
     "fx_spectral.constrain": (
         ["fx_spectral.constraint", "fx_spectral.selection"],
         ["constrain", "Constraint", "Target", "_Target", "Piece", "VectorStore", "ProjectionError", "SoftCap",

@@ -59,10 +59,10 @@ class BackendConfig:
     inner_options: Mapping[str, Any] | None = None
 
     def __post_init__(self):
-        from fx_spectral.nn import _check_options, _names
+        from fx_spectral.nn import validate_names, validate_options
 
-        _check_options(self.n_power_iterations, self.eps, "spectral backend")
-        object.__setattr__(self, "name", _names(self.name, "spectral backend"))
+        validate_options(self.n_power_iterations, self.eps, "spectral backend")
+        object.__setattr__(self, "name", validate_names(self.name, "spectral backend"))
         if not (isinstance(self.inner, str) or callable(self.inner)):
             raise TypeError(f"spectral backend: expected `inner` to be a backend name or callable, got {self.inner!r}")
         if self.filter_fn is not None and not callable(self.filter_fn):
@@ -121,9 +121,9 @@ class TransformConfig:
 
     def __post_init__(self):
         if self.name is not None:
-            object.__setattr__(self, "name", sn._names(self.name, "transform"))
-        sn._check_options(self.n_power_iterations, self.eps, "transform")
-        sn._check_mode(self.mode, "transform")
+            object.__setattr__(self, "name", sn.validate_names(self.name, "transform"))
+        sn.validate_options(self.n_power_iterations, self.eps, "transform")
+        sn.validate_mode(self.mode, "transform")
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(
                 f"transform: expected filter_fn to be callable(module, fqn) -> bool, got {self.filter_fn!r}"
