@@ -32,12 +32,16 @@ def test_old_config_names_warn_and_are_the_same_class(module, old, new):
     assert alias is getattr(G, new) and alias.__name__ == new
 
 
-def test_new_names_do_not_warn_and_torchtitan_keeps_its_spectral_config(recwarn):
+def test_new_names_do_not_warn(recwarn):
     assert G.TransformConfig is sys.modules["fx_spectral.graph.tracing"].TransformConfig
     assert G.BackendConfig is importlib.import_module("fx_spectral.graph.backend").BackendConfig
     assert not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
     with pytest.raises(AttributeError, match="no_such_name"):
         G.no_such_name  # noqa: B018
+
+
+def test_torchtitan_keeps_its_spectral_config():
+    pytest.importorskip("torchtitan")  # the [torchtitan] extra; the README's test command runs without it
     config = importlib.import_module("fx_spectral.integrations.torchtitan.config")
     assert config.SpectralConfig.__name__ == "SpectralConfig" and config.SpectralConfig is not G.TransformConfig
 
