@@ -226,8 +226,10 @@ def test_compile_backend_spectral_gives_every_block_its_own_vectors(workdir, con
         W2 = W.reshape(W.shape[0], -1)
         sigma = torch.linalg.matrix_norm(W2, ord=2).item()
         estimate = torch.dot(u, W2 @ v).item()
-        # u^T W v <= sigma_1 for unit u, v; 15 warm-up + 1 iteration per forward reach 0.9 sigma_1.
-        assert 0.9 * sigma <= estimate <= sigma * (1 + 1e-4), (name, estimate, sigma)
+        # u^T W v <= sigma_1 for unit u, v. u/v come from the last step's forward (16 warm-up + 1
+        # iteration per forward) while W is dumped after that step's update and cap, so the estimate
+        # trails sigma_1 a little (0.89 seen); another block's or a random u/v gives under 0.1 sigma_1.
+        assert 0.8 * sigma <= estimate <= sigma * (1 + 1e-4), (name, estimate, sigma)
     for name in ("attention.wo", "feed_forward.w2"):
         u0, u1 = uv[f"layers.0.{name}.weight"]["u"], uv[f"layers.1.{name}.weight"]["u"]
         assert not torch.allclose(u0, u1), f"layers 0 and 1 share the u of {name}"
