@@ -1,11 +1,12 @@
-"""Small helpers shared by the matrix ops (:mod:`fx_spectral.projections`, :mod:`fx_spectral.msign`)."""
+"""Small helpers shared by the matrix ops (:mod:`fx_spectral.projections`, :mod:`fx_spectral.msign`) and the
+sigma gradients (:mod:`fx_spectral.sn_autograd`, :mod:`fx_spectral.graph.emit`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["addmm", "check_matrix"]
+__all__ = ["addmm", "check_matrix", "outer_in_layout"]
 
 
 def check_matrix(W: Tensor, op: str) -> None:
@@ -23,3 +24,23 @@ def addmm(inp: Tensor, m1: Tensor, m2: Tensor, *, beta: float, alpha: float) -> 
     if inp.ndim == 2:
         return torch.addmm(inp, m1, m2, beta=beta, alpha=alpha)
     return torch.baddbmm(inp, m1, m2, beta=beta, alpha=alpha)
+
+
+def outer_in_layout(a: Tensor, b: Tensor, shape: torch.Size | tuple[int, ...], dim: int) -> Tensor:
+    r"""The outer product :math:`a b^\top` laid out as a weight of ``shape`` whose matrix view it is.
+
+    The matrix view of a weight puts ``dim`` first and flattens the rest (``a`` has
+    ``shape[dim]`` entries, ``b`` the product of the others), so the result ``R`` satisfies
+    ``R.movedim(dim, 0).flatten(1) == outer(a, b)``.
+
+    Example::
+
+        >>> w = torch.randn(3, 4, 2, 2)  # a ConvTranspose2d weight: matrix view (4, 12), dim=1
+        >>> a, b = torch.randn(4), torch.randn(12)
+        >>> r = outer_in_layout(a, b, w.shape, 1)
+        >>> torch.equal(r.movedim(1, 0).flatten(1), torch.outer(a, b))
+        True
+    """
+    dim %= len(shape)
+    moved = (shape[dim], *shape[:dim], *shape[dim + 1:])
+    return torch.outer(a, b).view(moved).movedim(0, dim)

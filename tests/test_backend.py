@@ -253,8 +253,10 @@ def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Para
     l_self_modules_fc_parameters_weight__v_new = torch.where(l_self_modules_fc_parameters_weight__v_new_nonzero, l_self_modules_fc_parameters_weight__v_new_unit, fc_weight_v)
     l_self_modules_fc_parameters_weight__u_update = torch.ops.aten.copy_.default(fc_weight_u, l_self_modules_fc_parameters_weight__u_new)
     l_self_modules_fc_parameters_weight__v_update = torch.ops.aten.copy_.default(fc_weight_v, l_self_modules_fc_parameters_weight__v_new)
-    l_self_modules_fc_parameters_weight__sigma = fx_spectral_graph_emit_sigma_of(l_self_modules_fc_parameters_weight_, l_self_modules_fc_parameters_weight__u_new, l_self_modules_fc_parameters_weight__v_new, l_self_modules_fc_parameters_weight__v_new_norm, 1e-12)
-    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_, None)
+    l_self_modules_fc_parameters_weight__and_sigma = fx_spectral_graph_emit_weight_and_sigma(l_self_modules_fc_parameters_weight_, l_self_modules_fc_parameters_weight__u_new, l_self_modules_fc_parameters_weight__v_new, l_self_modules_fc_parameters_weight__v_new_norm, 1e-12, 0)
+    l_self_modules_fc_parameters_weight__for_op = l_self_modules_fc_parameters_weight__and_sigma[0]
+    l_self_modules_fc_parameters_weight__sigma = l_self_modules_fc_parameters_weight__and_sigma[1]
+    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight__for_op, None)
     linear_over_sigma = linear / l_self_modules_fc_parameters_weight__sigma
     linear_biased = linear_over_sigma + l_self_modules_fc_parameters_bias_
     return (linear_biased,)""",
@@ -278,16 +280,16 @@ def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Para
     l_self_modules_fc_parameters_weight__uWv = torch.dot(l_self_modules_fc_parameters_weight__u_const, l_self_modules_fc_parameters_weight__W_v)
     l_self_modules_fc_parameters_weight__uWv_zero = l_self_modules_fc_parameters_weight__uWv == 0
     l_self_modules_fc_parameters_weight__sigma = l_self_modules_fc_parameters_weight__uWv.masked_fill(l_self_modules_fc_parameters_weight__uWv_zero, 1e-12)
+    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_, None)
+    linear_over_sigma = linear / l_self_modules_fc_parameters_weight__sigma
+    linear_biased = linear_over_sigma + l_self_modules_fc_parameters_bias_
+    relu = torch.relu(linear_biased)
     l_self_modules_out_parameters_weight__u_const = out_weight_u.clone()
     l_self_modules_out_parameters_weight__v_const = out_weight_v.clone()
     l_self_modules_out_parameters_weight__W_v = torch.mv(l_self_modules_out_parameters_weight_, l_self_modules_out_parameters_weight__v_const)
     l_self_modules_out_parameters_weight__uWv = torch.dot(l_self_modules_out_parameters_weight__u_const, l_self_modules_out_parameters_weight__W_v)
     l_self_modules_out_parameters_weight__uWv_zero = l_self_modules_out_parameters_weight__uWv == 0
     l_self_modules_out_parameters_weight__sigma = l_self_modules_out_parameters_weight__uWv.masked_fill(l_self_modules_out_parameters_weight__uWv_zero, 1e-12)
-    linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_, None)
-    linear_over_sigma = linear / l_self_modules_fc_parameters_weight__sigma
-    linear_biased = linear_over_sigma + l_self_modules_fc_parameters_bias_
-    relu = torch.relu(linear_biased)
     linear_1 = torch._C._nn.linear(relu, l_self_modules_out_parameters_weight_, None)
     linear_1_over_sigma = linear_1 / l_self_modules_out_parameters_weight__sigma
     return (linear_1_over_sigma,)""",
@@ -356,6 +358,43 @@ def test_matches_torch_spectral_norm_inductor():
     assert {k for k in model.state_dict() if k.endswith(("_u", "_v"))} == {
         f"{m}.weight_{k}" for m in ("conv", "up", "fc") for k in "uv"
     }
+
+
+def _post_grad_addmm_inputs(compile_model) -> list[tuple[int, ...]]:
+    """The shapes of the ``inp`` of every ``aten.addmm`` in inductor's post-grad graphs (forward and
+    backward) of one training step of a small MLP whose outputs are divided by sigma."""
+    shapes: list[tuple[int, ...]] = []
+    graphs: list[int] = []
+
+    def record(graph: torch.fx.Graph) -> None:
+        graphs.append(len(graph.nodes))
+        for n in graph.nodes:
+            if n.target is torch.ops.aten.addmm.default:
+                shapes.append(tuple(n.args[0].meta["val"].shape))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    compiled = compile_model(model, {"post_grad_custom_post_pass": record})
+    compiled(torch.randn(4, 64)).sum().backward()
+    assert model[0].weight.grad is not None and len(graphs) == 2  # the forward and the backward were seen
+    return shapes
+
+
+@pytest.mark.parametrize("route", ["backend", "eager API + inductor"])
+def test_sigma_term_of_the_weight_gradient_is_no_addmm_input(route):
+    """The rank-one sigma term of W's gradient must not reach inductor as ``add(mm(...), term)``:
+    on CPU inductor rewrites that into ``addmm(term, ...)``, which writes the W-sized term and
+    copies it before the GEMM (two extra passes over W per step). Written as a subtraction after
+    the GEMM it stays one fused pass, so no addmm may take a 2-D (W-sized) input."""
+    if route == "backend":
+        def compile_model(model, options):
+            return torch.compile(model, backend=backend(inner_options=options))
+    else:
+        def compile_model(model, options):
+            fx_spectral.apply_spectral_norm(model)
+            return torch.compile(model, options=options)
+    shapes = _post_grad_addmm_inputs(compile_model)
+    assert all(len(shape) == 1 for shape in shapes), shapes
 
 
 # --------------------------------------------------------------------------------------------

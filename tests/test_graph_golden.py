@@ -44,6 +44,7 @@ def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
     layer_weight_v = self.layer.weight_v
+    layer_bias = self.layer.bias
     layer_weight_nograd = layer_weight.detach()
     layer_weight_nograd_t = layer_weight_nograd.t()
     layer_weight_Wv = torch.mv(layer_weight_nograd, layer_weight_v)
@@ -60,9 +61,10 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
-    layer_weight_normalized = layer_weight / layer_weight_sigma
-    layer_bias = self.layer.bias
+    layer_weight_and_sigma = fx_spectral_graph_emit_weight_and_sigma(layer_weight, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12, 0)
+    layer_weight_for_op = layer_weight_and_sigma[0]
+    layer_weight_sigma = layer_weight_and_sigma[1]
+    layer_weight_normalized = layer_weight_for_op / layer_weight_sigma
     layer = torch._C._nn.linear(x, layer_weight_normalized, layer_bias)
     return layer""")
 
@@ -73,6 +75,7 @@ def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
     layer_weight_v = self.layer.weight_v
+    layer_bias = self.layer.bias
     layer_weight_u_const = layer_weight_u.clone()
     layer_weight_v_const = layer_weight_v.clone()
     layer_weight_W_v = torch.mv(layer_weight, layer_weight_v_const)
@@ -80,7 +83,6 @@ def forward(self, x):
     layer_weight_uWv_zero = layer_weight_uWv == 0
     layer_weight_sigma = layer_weight_uWv.masked_fill(layer_weight_uWv_zero, 1e-12)
     layer_weight_normalized = layer_weight / layer_weight_sigma
-    layer_bias = self.layer.bias
     layer = torch._C._nn.linear(x, layer_weight_normalized, layer_bias)
     return layer""")
 
@@ -108,8 +110,10 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
-    layer_weight_normalized = layer_weight / layer_weight_sigma
+    layer_weight_and_sigma = fx_spectral_graph_emit_weight_and_sigma(layer_weight, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12, 0)
+    layer_weight_for_op = layer_weight_and_sigma[0]
+    layer_weight_sigma = layer_weight_and_sigma[1]
+    layer_weight_normalized = layer_weight_for_op / layer_weight_sigma
     layer = torch.conv2d(x, layer_weight_normalized, None, (2, 2), (1, 1), (1, 1), 1)
     return layer""")
 
@@ -120,6 +124,7 @@ def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
     layer_weight_v = self.layer.weight_v
+    layer_bias = self.layer.bias
     layer_weight_moved = layer_weight.movedim(1, 0)
     layer_weight_mat = layer_weight_moved.flatten(1)
     layer_weight_nograd = layer_weight_mat.detach()
@@ -138,9 +143,10 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight_mat, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
-    layer_weight_normalized = layer_weight / layer_weight_sigma
-    layer_bias = self.layer.bias
+    layer_weight_and_sigma = fx_spectral_graph_emit_weight_and_sigma(layer_weight, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12, 1)
+    layer_weight_for_op = layer_weight_and_sigma[0]
+    layer_weight_sigma = layer_weight_and_sigma[1]
+    layer_weight_normalized = layer_weight_for_op / layer_weight_sigma
     layer = torch.conv_transpose2d(x, layer_weight_normalized, layer_bias, (2, 2), (1, 1), (0, 0), 1, (1, 1))
     return layer""")
 
@@ -175,8 +181,10 @@ def forward(self, x):
     w_v_new = torch.where(w_v_new_nonzero, w_v_new_unit, w_v)
     w_u_update = torch.ops.aten.copy_.default(w_u, w_u_new)
     w_v_update = torch.ops.aten.copy_.default(w_v, w_v_new)
-    w_sigma = fx_spectral_graph_emit_sigma_of(w, w_u_new, w_v_new, w_v_new_norm, 1e-12)
-    w_normalized = w / w_sigma
+    w_and_sigma = fx_spectral_graph_emit_weight_and_sigma(w, w_u_new, w_v_new, w_v_new_norm, 1e-12, 0)
+    w_for_op = w_and_sigma[0]
+    w_sigma = w_and_sigma[1]
+    w_normalized = w_for_op / w_sigma
     linear = torch._C._nn.linear(x, w_normalized)
     relu = linear.relu()
     return relu""")
@@ -192,6 +200,7 @@ def forward(self, x):
     layer_weight = self.layer.weight
     layer_weight_u = self.layer.weight_u
     layer_weight_v = self.layer.weight_v
+    _guards_fn = self._guards_fn(x)
     layer_weight_nograd = torch.ops.aten.detach.default(layer_weight)
     layer_weight_nograd_t = torch.ops.aten.t.default(layer_weight_nograd)
     layer_weight_Wv = torch.ops.aten.mv.default(layer_weight_nograd, layer_weight_v)
@@ -211,7 +220,6 @@ def forward(self, x):
     layer_weight_W_v = torch.ops.aten.mv.default(layer_weight, layer_weight_v_new)
     layer_weight_uWv = torch.ops.aten.dot.default(layer_weight_u_new, layer_weight_W_v)
     layer_weight_sigma = torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
-    _guards_fn = self._guards_fn(x)
     linear = torch.ops.aten.linear.default(x, layer_weight)
     linear_over_sigma = torch.ops.aten.div.Tensor(linear, layer_weight_sigma)
     return pytree.tree_unflatten((linear_over_sigma,), self._out_spec)""")
@@ -224,8 +232,6 @@ def forward(self, x):
         gm = transform(ep.module())
         self.assertExpectedInline(code(gm.code).split("layer_weight_sigma = ")[1], """\
 torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
-    layer_bias = self.layer.bias
-    _guards_fn = self._guards_fn(x)
     linear = torch.ops.aten.linear.default(x, layer_weight, None)
     linear_over_sigma = torch.ops.aten.div.Tensor(linear, layer_weight_sigma)
     linear_biased = torch.ops.aten.add.Tensor(linear_over_sigma, layer_bias)
@@ -239,8 +245,6 @@ torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
         self.assertExpectedInline(code(gm.code).split("layer_weight_sigma = ")[1], """\
 torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
     layer_weight_normalized = torch.ops.aten.div.Tensor(layer_weight, layer_weight_sigma)
-    layer_bias = self.layer.bias
-    _guards_fn = self._guards_fn(x)
     linear = torch.ops.aten.linear.default(x, layer_weight_normalized, layer_bias)
     return pytree.tree_unflatten((linear,), self._out_spec)""")
 
@@ -251,8 +255,6 @@ torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
         gm = transform(ep.module())
         self.assertExpectedInline(code(gm.code).split("layer_weight_sigma = ")[1], """\
 torch.ops.aten.clamp_min.default(layer_weight_uWv, 1e-12)
-    layer_bias = self.layer.bias
-    _guards_fn = self._guards_fn(x)
     conv2d = torch.ops.aten.conv2d.default(x, layer_weight, None, [2, 2])
     conv2d_over_sigma = torch.ops.aten.div.Tensor(conv2d, layer_weight_sigma)
     conv2d_bias_view = torch.ops.aten.view.default(layer_bias, [-1, 1, 1])
@@ -304,8 +306,10 @@ def forward(self, x):
     layer_weight_v_new = torch.where(layer_weight_v_new_nonzero, layer_weight_v_new_unit, layer_weight_v)
     layer_weight_u_update = torch.ops.aten.copy_.default(layer_weight_u, layer_weight_u_new)
     layer_weight_v_update = torch.ops.aten.copy_.default(layer_weight_v, layer_weight_v_new)
-    layer_weight_sigma = fx_spectral_graph_emit_sigma_of(layer_weight_f32, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12)
-    layer_weight_normalized_f32 = layer_weight_f32 / layer_weight_sigma
+    layer_weight_and_sigma = fx_spectral_graph_emit_weight_and_sigma(layer_weight_f32, layer_weight_u_new, layer_weight_v_new, layer_weight_v_new_norm, 1e-12, 0)
+    layer_weight_for_op = layer_weight_and_sigma[0]
+    layer_weight_sigma = layer_weight_and_sigma[1]
+    layer_weight_normalized_f32 = layer_weight_for_op / layer_weight_sigma
     layer_weight_normalized = layer_weight_normalized_f32.to(torch.bfloat16)
     layer = torch._C._nn.linear(x, layer_weight_normalized, None)
     return layer""")
@@ -341,8 +345,10 @@ def forward(self, x):
     emb_weight_v_new = torch.where(emb_weight_v_new_nonzero, emb_weight_v_new_unit, emb_weight_v)
     emb_weight_u_update = torch.ops.aten.copy_.default(emb_weight_u, emb_weight_u_new)
     emb_weight_v_update = torch.ops.aten.copy_.default(emb_weight_v, emb_weight_v_new)
-    emb_weight_sigma = fx_spectral_graph_emit_sigma_of(emb_weight, emb_weight_u_new, emb_weight_v_new, emb_weight_v_new_norm, 1e-12)
-    emb_weight_normalized = emb_weight / emb_weight_sigma
+    emb_weight_and_sigma = fx_spectral_graph_emit_weight_and_sigma(emb_weight, emb_weight_u_new, emb_weight_v_new, emb_weight_v_new_norm, 1e-12, 0)
+    emb_weight_for_op = emb_weight_and_sigma[0]
+    emb_weight_sigma = emb_weight_and_sigma[1]
+    emb_weight_normalized = emb_weight_for_op / emb_weight_sigma
     emb = torch._C._nn.linear(x, emb_weight_normalized, None)
     tanh = emb.tanh()
     linear = torch._C._nn.linear(tanh, emb_weight_normalized)

@@ -41,10 +41,11 @@ from torch.fx import Graph, Node
 
 from fx_spectral import power as P
 from fx_spectral.kinds import is_aten_op, weight_arg, weight_op
+from fx_spectral.matrices import outer_in_layout
 
 __all__ = [
     "NORMALIZED_META", "SCALED_OUTPUT_META", "insert_normalization", "insert_sigma", "insert_nodes",
-    "divides_output", "scale_output", "sigma_of",
+    "divides_output", "scale_output", "sigma_of", "weight_and_sigma",
 ]
 
 aten = torch.ops.aten
@@ -182,31 +183,67 @@ class _Emitter:
         return self.where(ok, unit, old, name), norm
 
 
-class _RankOneGrad(torch.autograd.Function):
-    """``max(norm, eps)`` with the gradient of ``u^T W v`` w.r.t. ``W`` (``u``, ``v`` constants): ``g u v^T``."""
+class _WeightAndSigma(torch.autograd.Function):
+    r"""``(W, max(norm, eps))`` with the gradient of ``u^T W_mat v`` (``u``, ``v`` constants) added to W's.
+
+    Forward returns a view of ``W`` (the op reads it) and sigma. Backward gets the op's gradient
+    :math:`G_W` and :math:`g_\sigma` and returns :math:`G_W + g_\sigma u v^\top` (the outer
+    product in the matrix view of ``W``: ``dim`` first, the rest flattened). ``W`` then has one
+    use in the autograd graph, so its gradient is this one sum, written as ``G_W - (-g_σ u) v^T``:
+    inductor on CPU rewrites ``add(mm(...), t)`` into ``addmm(t, ...)``, which materializes the
+    rank-one ``t`` and copies it before the GEMM (two extra W-sized passes); a subtraction stays
+    one fused pass after the GEMM.
+    """
 
     @staticmethod
-    def forward(w_mat: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float) -> Tensor:
-        return norm.clamp_min(eps)
+    def forward(w: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float, dim: int):
+        return w.view_as(w), norm.clamp_min(eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, u, v, _, _ = inputs
+        w, u, v, _, _, dim = inputs
         ctx.save_for_backward(u, v)
+        ctx.shape, ctx.dim = w.shape, dim
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad_w: Tensor | None, grad_sigma: Tensor | None):
+        if grad_sigma is None:
+            return grad_w, None, None, None, None, None
         u, v = ctx.saved_tensors
-        return grad * torch.outer(u, v), None, None, None, None
+        neg_term = outer_in_layout(u * -grad_sigma, v, ctx.shape, ctx.dim)
+        if grad_w is None:
+            return -neg_term, None, None, None, None, None
+        return grad_w - neg_term, None, None, None, None, None
+
+
+def weight_and_sigma(w: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float, dim: int = 0) -> tuple[Tensor, Tensor]:
+    r"""``(W, sigma)``: ``sigma = max(||W_mat^T u||, eps)`` from the power iteration's last norm, and W to use.
+
+    After a power-iteration step :math:`v' = W_{mat}^\top u' / \lVert W_{mat}^\top u'\rVert`, so
+    :math:`u'^\top W_{mat} v' = \lVert W_{mat}^\top u'\rVert`: the value needs no further pass
+    over ``W`` (it is the value the eager API uses). Its gradient w.r.t. ``W`` with u'/v' held
+    constant is :math:`u' v'^\top` in the matrix view ``W_mat`` (``dim`` moved first, the rest
+    flattened). The returned ``W`` (a view) carries that term: an op that reads it instead of the
+    raw weight gets ``W``'s whole gradient, op and sigma terms, in one pass (see
+    :class:`_WeightAndSigma`); reading the raw weight is correct too (autograd adds the terms).
+
+    Example::
+
+        >>> w = torch.randn(4, 3, requires_grad=True)
+        >>> u, v = torch.randn(4), torch.randn(3)
+        >>> w_op, sigma = weight_and_sigma(w, u, v, torch.tensor(2.0), 1e-12)
+        >>> (w_op.sum() + sigma).backward()
+        >>> torch.allclose(w.grad, 1 + torch.outer(u, v))
+        True
+    """
+    return _WeightAndSigma.apply(w, u, v, norm, eps, dim)
 
 
 def sigma_of(w_mat: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float) -> Tensor:
     r"""``sigma = max(||W^\top u||, eps)`` from the power iteration's last norm, differentiable in ``W``.
 
-    After a power-iteration step :math:`v' = W^\top u' / \lVert W^\top u'\rVert`, so
-    :math:`u'^\top W v' = \lVert W^\top u'\rVert`: the value needs no further pass over ``W`` (it
-    is the value the eager API uses), and its gradient w.r.t. ``W`` with u'/v' held constant is
-    :math:`u' v'^\top` (the rank-one term; ``W`` enters only through ``w_mat``, the matrix view).
+    The sigma of :func:`weight_and_sigma` for a matrix ``w_mat``: its gradient w.r.t. ``W`` with
+    u'/v' held constant is :math:`u' v'^\top` (the rank-one term).
 
     Example::
 
@@ -216,15 +253,23 @@ def sigma_of(w_mat: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float) -> T
         >>> torch.allclose(w.grad, torch.outer(u, v))
         True
     """
-    return _RankOneGrad.apply(w_mat, u, v, norm, eps)
+    return _WeightAndSigma.apply(w_mat, u, v, norm, eps, 0)[1]
 
 
-def _insert_point(graph: Graph, nodes: list[Node]) -> Node:
-    """The node to insert before: right after the last of ``nodes`` (after all placeholders if one is)."""
+def _insert_point(graph: Graph, nodes: list[Node], weight: Node) -> Node:
+    """The node to insert before: right before the first user of ``weight`` that comes after all of ``nodes``.
+
+    Close to the op, so that the power iteration reads ``W`` just before the op's GEMM reads it
+    (a compiler fusing or scheduling in graph order keeps ``W`` in cache between the two); else
+    right after the last of ``nodes`` (after all placeholders if one is).
+    """
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max(nodes, key=order.__getitem__)
     if last.op == "placeholder":
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    later = [user for user in weight.users if order.get(user, -1) > order[last]]
+    if later:
+        return min(later, key=order.__getitem__)
     return last.next
 
 
@@ -336,7 +381,7 @@ def insert_sigma(
 
 
 def insert_nodes(graph, weight, u, v, fn, divide, *, dim, n_power_iterations, eps, training, use_aten, weight_dtype,
-            weight_ndim, autocast_off) -> tuple[Node, Node | None]:
+                 weight_ndim, autocast_off) -> tuple[Node, Node | None]:
     """``(sigma, W / sigma or None)``: the nodes of :func:`insert_normalization`, the division if ``divide``.
 
     The one emitting path behind :func:`insert_normalization`, :func:`insert_sigma` and
@@ -348,7 +393,7 @@ def insert_nodes(graph, weight, u, v, fn, divide, *, dim, n_power_iterations, ep
     if dim < 0 and ndim is not None:
         dim %= ndim
     e = _Emitter(graph, weight.name, use_aten)
-    with graph.inserting_before(_insert_point(graph, [weight, u, v])):
+    with graph.inserting_before(_insert_point(graph, [weight, u, v], weight)):
         with _autocast_region(e, autocast_off):
             w32, sigma = _emit_sigma(e, weight, u, v, dim, n_power_iterations, eps, training, dtype, ndim, compute)
             out = _emit_division(e, weight, w32, sigma, dtype, compute) if divide else None
@@ -415,8 +460,11 @@ def _emit_sigma(e: _Emitter, weight, u, v, dim, n_power_iterations, eps, trainin
             sigma = e.clamp_min(e.dot(u_cur, e.mv(mat, v_cur, "W_v"), "uWv"), eps, "sigma")
         else:
             # sigma = ||W^T u'|| (= u'^T W v', the eager API's value) is the last norm of the power
-            # iteration: no third pass over W; its gradient u' v'^T comes from sigma_of (rank one)
-            sigma = e._fn(sigma_of, (mat, u_cur, v_cur, norm, eps), "sigma")
+            # iteration: no third pass over W. Its gradient u' v'^T (rank one) is added to W's by
+            # weight_and_sigma, whose W (a view) the op or the division reads in place of W.
+            pair = e._fn(weight_and_sigma, (w32, u_cur, v_cur, norm, eps, dim), "and_sigma")
+            w32 = e._fn(operator.getitem, (pair, 0), "for_op")
+            sigma = e._fn(operator.getitem, (pair, 1), "sigma")
     else:
         # NB: clones, so a backward through this graph survives a later in-place u/v update
         if u_cur is u:
@@ -428,9 +476,13 @@ def _emit_sigma(e: _Emitter, weight, u, v, dim, n_power_iterations, eps, trainin
 
 
 def _emit_division(e: _Emitter, weight, w32, sigma, dtype, compute) -> Node:
-    """Emit ``W / sigma`` back in the weight's dtype, tagged with :data:`NORMALIZED_META`."""
+    """Emit ``W / sigma`` back in the weight's dtype, tagged with :data:`NORMALIZED_META`.
+
+    ``w32`` is the weight in the compute dtype (``weight`` itself when that is its dtype), or the
+    view of it from :func:`weight_and_sigma` that carries sigma's gradient.
+    """
     if dtype == compute:
-        out = e.div(weight, sigma, "normalized")
+        out = e.div(w32, sigma, "normalized")
     elif dtype is not None:
         out = e.to_dtype(e.div(w32, sigma, "normalized_f32"), dtype, "normalized")
     else:
@@ -501,6 +553,16 @@ def divides_output(op: Node, weight: Node) -> bool:
     return out_dtype == w_dtype and w_dtype in (torch.float32, torch.float64) and 5 * out_numel < 4 * w_numel
 
 
+def _weight_for_op(sigma: Node, weight: object) -> Node | None:
+    """The ``weight_and_sigma(...)[0]`` node paired with ``sigma = weight_and_sigma(weight, ...)[1]``, if any."""
+    if not (isinstance(sigma, Node) and sigma.target is operator.getitem and sigma.args[1] == 1):
+        return None
+    pair = sigma.args[0]
+    if not (isinstance(pair, Node) and pair.target is weight_and_sigma and pair.args[0] is weight):
+        return None
+    return next((n for n in pair.users if n.target is operator.getitem and n.args[1] == 0), None)
+
+
 def scale_output(graph: Graph, op: Node, sigma: Node, *, use_aten: bool | None = None) -> Node:
     r"""Rewrite ``y = op(x, W, b)`` into ``y = op(x, W) / sigma + b``; return the node of the new ``y``.
 
@@ -533,6 +595,10 @@ def scale_output(graph: Graph, op: Node, sigma: Node, *, use_aten: bool | None =
     e = _Emitter(graph, op.name, use_aten)
     users = list(op.users)
     name = weight.name if isinstance(weight, Node) else str(weight)
+    alias = _weight_for_op(sigma, weight)
+    if alias is not None:
+        # the op reads weight_and_sigma's view of W: W's gradient is then one sum (op + sigma term)
+        op.replace_input_with(weight, alias)
     with graph.inserting_before(op.next):  # the new nodes in order, right after op
         out = e.div(op, sigma, "over_sigma")
         out.meta[SCALED_OUTPUT_META] = name
