@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from fx_spectral import power as P
 from fx_spectral.kinds import CONV_T_FN, weight_matrix
+from fx_spectral.matrices import outer_in_layout
 
 # --------------------------------------------------------------------------------------------
 # Math (shared with the graph transform)
@@ -238,14 +239,15 @@ def _divide_output(module: nn.Module, input: Tensor, out_numel: int) -> bool:
 
     Dividing the output skips the W-sized passes (W/sigma, and three more in backward) for ~4
     output-sized ones, so it wins when the output is the smaller tensor: an MLP at small batch,
-    the wide late layers of a conv net. Eager float32 only, where both are equal to rounding;
-    under torch.compile the weight route fuses away anyway.
+    the wide late layers of a conv net. Float32 only, where both are equal to rounding; eager and
+    under torch.compile (inductor fuses the output passes), not under torch.export, whose graph
+    keeps the plain ``op(x, W/sigma)`` (no autograd.Function in an exported program).
     """
     weight = module.weight
     return (
         5 * out_numel < 4 * weight.numel()
         and input.dtype == weight.dtype == torch.float32
-        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
         and not torch.is_autocast_enabled(input.device.type)
         and not _functorch_active()
     )
@@ -376,8 +378,14 @@ class _OpOverSigma(torch.autograd.Function):
                 grad_b = grad.sum([d for d in range(grad.dim()) if d != 1])
         if need_w:
             c = torch.dot(g.reshape(-1), z.reshape(-1)).div_(sigma)  # <G, z> / sigma^2
-            # NB: in place on the fresh weight gradient: grad_w -= c u v^T in the matrix view.
-            _add_outer_(grad_w, u * c, v, ctx.dim, alpha=-1.0)
+            if torch.compiler.is_compiling():
+                # Traced by torch.compile: a subtraction. Inductor on CPU turns add(mm(...), t) (what
+                # the in-place addr becomes) into addmm(t, ...), which writes the W-sized rank-one t
+                # and copies it before the GEMM; the subtraction stays one fused pass after it.
+                grad_w = grad_w - outer_in_layout(u * c, v, grad_w.shape, ctx.dim)
+            else:
+                # NB: in place on the fresh weight gradient: grad_w -= c u v^T in the matrix view.
+                _add_outer_(grad_w, u * c, v, ctx.dim, alpha=-1.0)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 

@@ -105,8 +105,9 @@ def test_import_nn_loads_no_graph_machinery_and_registers_no_backend():
         "from torch._dynamo.backends import registry\n"
         "fx_spectral.spectral_norm(torch.nn.Linear(3, 2))\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('fx_spectral'))\n"
-        "assert loaded == ['fx_spectral', 'fx_spectral.kinds', 'fx_spectral.nn', 'fx_spectral.power',"
-        " 'fx_spectral.sn_autograd', 'fx_spectral.sn_modules', 'fx_spectral.sn_operator'], loaded\n"
+        "assert loaded == ['fx_spectral', 'fx_spectral.kinds', 'fx_spectral.matrices', 'fx_spectral.nn',"
+        " 'fx_spectral.power', 'fx_spectral.sn_autograd', 'fx_spectral.sn_modules',"
+        " 'fx_spectral.sn_operator'], loaded\n"
         "assert 'spectral' not in registry._COMPILER_FNS\n"
     )
 

@@ -46,6 +46,23 @@ def test_plain_rule_is_bit_identical_to_dividing_by_the_norm():
     assert torch.equal(norm, torch.linalg.vector_norm(t)) and torch.equal(unit, t / torch.linalg.vector_norm(t))
 
 
+def test_eager_cpu_branch_and_traced_where_give_the_same_vectors():
+    """Eager on the CPU the rule branches on the norm in Python; traced (make_fx, torch.compile) or
+    under torch.func it stays the where() form. Same values either way, and the kept vector is a
+    copy (it gets saved for backward while the buffer it came from moves on)."""
+    old = F.normalize(torch.randn(6), dim=0)
+    for t in (torch.randn(6), torch.zeros(6)):
+        unit, norm = power.normalize_or_keep(t, old, 1e-12)
+        traced = torch.fx.experimental.proxy_tensor.make_fx(lambda a, b: power.normalize_or_keep(a, b, 1e-12))(t, old)
+        assert any(n.target is torch.ops.aten.where.self for n in traced.graph.nodes)  # no data-dependent branch
+        t_unit, t_norm = traced(t, old)
+        assert torch.equal(unit, t_unit) and torch.equal(norm, t_norm)
+        v_unit, _ = torch.func.vmap(lambda a, b: power.normalize_or_keep(a, b, 1e-12))(t[None], old[None])
+        assert torch.equal(v_unit[0], unit)
+    kept, _ = power.normalize_or_keep(torch.zeros(6), old, 1e-12)
+    assert torch.equal(kept, old) and kept.data_ptr() != old.data_ptr()
+
+
 def test_huge_entries_stay_finite_only_with_the_overflow_safe_rule():
     t = torch.tensor([3e30, -4e30, 1e29])  # |t|^2 overflows float32
     old = torch.tensor([1.0, 0.0, 0.0])
@@ -83,6 +100,33 @@ def test_dim_none_normalizes_the_whole_tensor():
 # --------------------------------------------------------------------------------------------
 # iterate, the constants, compute_dtype
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, dim", [((5, 3), 0), ((4, 3, 2, 2), 0), ((3, 4, 2, 2), 1)], ids=["linear", "conv", "conv_t"]
+)
+def test_weight_and_sigma_gradient_is_the_op_gradient_plus_the_rank_one_term(shape, dim):
+    """weight_and_sigma's W view and sigma give W the gradient autograd gives W through the op and
+    through sigma = u^T W_mat v (u, v constants), in W's own layout, as one sum."""
+    from fx_spectral.graph.emit import weight_and_sigma
+    from fx_spectral.matrices import outer_in_layout
+
+    torch.manual_seed(0)
+    w = torch.randn(shape, requires_grad=True)
+    mat = w.detach().movedim(dim, 0).flatten(1)
+    u, v = F.normalize(torch.randn(mat.shape[0]), dim=0), F.normalize(torch.randn(mat.shape[1]), dim=0)
+    assert torch.equal(outer_in_layout(u, v, w.shape, dim).movedim(dim, 0).flatten(1), torch.outer(u, v))
+    g_op = torch.randn(shape)
+    w_op, sigma = weight_and_sigma(w, u, v, torch.tensor(2.0), 1e-12, dim)
+    ((w_op * g_op).sum() + 3 * sigma).backward()
+    ref = w.detach().clone().requires_grad_()
+    ((ref * g_op).sum() + 3 * (u @ ref.movedim(dim, 0).flatten(1) @ v)).backward()
+    torch.testing.assert_close(w.grad, ref.grad)
+    assert float(sigma) == 2.0  # the value is the given norm (clamped at eps), not recomputed
+    # the view unused (an op reading the raw weight): the sigma term alone
+    w.grad = None
+    weight_and_sigma(w, u, v, torch.tensor(2.0), 1e-12, dim)[1].backward()
+    torch.testing.assert_close(w.grad, outer_in_layout(u, v, w.shape, dim))
 
 
 def test_constants():
