@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["addmm", "check_matrix", "outer_in_layout"]
+__all__ = ["add_outer", "addmm", "check_matrix", "outer_in_layout"]
 
 
 def check_matrix(W: Tensor, op: str) -> None:
@@ -44,3 +44,31 @@ def outer_in_layout(a: Tensor, b: Tensor, shape: torch.Size | tuple[int, ...], d
     dim %= len(shape)
     moved = (shape[dim], *shape[:dim], *shape[dim + 1:])
     return torch.outer(a, b).view(moved).movedim(0, dim)
+
+
+def add_outer(t: Tensor, a: Tensor, b: Tensor, dim: int, *, alpha: float, in_place: bool) -> Tensor:
+    r"""``t + alpha · a bᵀ`` in ``t``'s matrix view (``dim`` first, the rest flattened): a weight
+    gradient plus the rank-one sigma term.
+
+    Eager with ``in_place=True`` (``t`` is a gradient the caller just computed): ``addr_`` /
+    ``addcmul_`` on ``t``, one pass, the outer product never materialized. Otherwise (``t`` not
+    the caller's to modify, or traced by ``torch.compile``): ``t - (-alpha · a) bᵀ``, a new tensor.
+    Traced code must get the subtraction: inductor on CPU rewrites ``add(mm(...), r)`` (what an
+    in-place ``addr_`` on a GEMM's result becomes) into ``addmm(r, ...)``, which writes the
+    W-sized ``r`` and copies it before the GEMM; a subtraction stays one fused pass after it.
+
+    Example::
+
+        >>> t, a, b = torch.zeros(3, 2), torch.ones(3), torch.ones(2)
+        >>> torch.equal(add_outer(t, a, b, 0, alpha=-1.0, in_place=False), -torch.ones(3, 2))
+        True
+    """
+    if in_place and not torch.compiler.is_compiling():
+        # NB: t is updated in place.
+        if dim == 0 and t.is_contiguous():
+            t.flatten(1).addr_(a, b, alpha=alpha)  # a view of contiguous t (zero-size included)
+        else:
+            moved = t.movedim(dim, 0)
+            moved.addcmul_(a.view(-1, *[1] * (moved.dim() - 1)), b.view(1, *moved.shape[1:]), value=alpha)
+        return t
+    return t - outer_in_layout(a if alpha == -1 else a * -alpha, b, t.shape, dim)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fx_spectral import power as P
 from fx_spectral.kinds import CONV_T_FN, weight_matrix
-from fx_spectral.matrices import outer_in_layout
+from fx_spectral.matrices import add_outer
 
 # --------------------------------------------------------------------------------------------
 # Math (shared with the graph transform)
@@ -192,8 +192,8 @@ class _DivideBySigma(torch.autograd.Function):
         else:
             c = torch.sum(g * out.to(sigma.dtype))
         grad_w = g / sigma
-        # NB: in place on the fresh grad_w: grad_w -= (c / sigma) u v^T, in the matrix view.
-        _add_outer_(grad_w, u * (c / sigma), v, ctx.dim, alpha=-1.0)
+        # NB: in place on the fresh grad_w (eager): grad_w -= (c / sigma) u v^T, in the matrix view.
+        grad_w = add_outer(grad_w, u * (c / sigma), v, ctx.dim, alpha=-1.0, in_place=True)
         return grad_w if grad_w.dtype == grad.dtype else grad_w.to(grad.dtype), None, None, None, None
 
 
@@ -378,24 +378,14 @@ class _OpOverSigma(torch.autograd.Function):
                 grad_b = grad.sum([d for d in range(grad.dim()) if d != 1])
         if need_w:
             c = torch.dot(g.reshape(-1), z.reshape(-1)).div_(sigma)  # <G, z> / sigma^2
-            if torch.compiler.is_compiling():
-                # Traced by torch.compile: a subtraction. Inductor on CPU turns add(mm(...), t) (what
-                # the in-place addr becomes) into addmm(t, ...), which writes the W-sized rank-one t
-                # and copies it before the GEMM; the subtraction stays one fused pass after it.
-                grad_w = grad_w - outer_in_layout(u * c, v, grad_w.shape, ctx.dim)
-            else:
-                # NB: in place on the fresh weight gradient: grad_w -= c u v^T in the matrix view.
-                _add_outer_(grad_w, u * c, v, ctx.dim, alpha=-1.0)
+            # NB: in place on the fresh weight gradient (eager): grad_w -= c u v^T in the matrix view.
+            grad_w = add_outer(grad_w, u * c, v, ctx.dim, alpha=-1.0, in_place=True)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int, alpha: float = 1.0) -> None:
-    """NB: in place: ``weight_matrix(t, dim) += alpha * outer(a, b)``, one kernel, no outer materialized."""
-    if dim == 0 and t.is_contiguous():
-        t.flatten(1).addr_(a, b, alpha=alpha)  # a view of contiguous t (zero-size included)
-    else:
-        moved = t.movedim(dim, 0)
-        moved.addcmul_(a.view(-1, *[1] * (moved.dim() - 1)), b.view(1, *moved.shape[1:]), value=alpha)
+    """NB: in place: ``weight_matrix(t, dim) += alpha * outer(a, b)`` (:func:`fx_spectral.matrices.add_outer`)."""
+    add_outer(t, a, b, dim, alpha=alpha, in_place=True)
 
 
 

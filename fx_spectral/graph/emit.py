@@ -41,7 +41,7 @@ from torch.fx import Graph, Node
 
 from fx_spectral import power as P
 from fx_spectral.kinds import is_aten_op, weight_arg, weight_op
-from fx_spectral.matrices import outer_in_layout
+from fx_spectral.matrices import add_outer, outer_in_layout
 
 __all__ = [
     "NORMALIZED_META", "SCALED_OUTPUT_META", "insert_normalization", "insert_sigma", "insert_nodes",
@@ -189,10 +189,8 @@ class _WeightAndSigma(torch.autograd.Function):
     Forward returns a view of ``W`` (the op reads it) and sigma. Backward gets the op's gradient
     :math:`G_W` and :math:`g_\sigma` and returns :math:`G_W + g_\sigma u v^\top` (the outer
     product in the matrix view of ``W``: ``dim`` first, the rest flattened). ``W`` then has one
-    use in the autograd graph, so its gradient is this one sum, written as ``G_W - (-g_σ u) v^T``:
-    inductor on CPU rewrites ``add(mm(...), t)`` into ``addmm(t, ...)``, which materializes the
-    rank-one ``t`` and copies it before the GEMM (two extra W-sized passes); a subtraction stays
-    one fused pass after the GEMM.
+    use in the autograd graph, so its gradient is this one sum, a subtraction after the op's GEMM
+    (:func:`fx_spectral.matrices.add_outer`: no W-sized ``addmm`` input for inductor to copy).
     """
 
     @staticmethod
@@ -210,10 +208,10 @@ class _WeightAndSigma(torch.autograd.Function):
         if grad_sigma is None:
             return grad_w, None, None, None, None, None
         u, v = ctx.saved_tensors
-        neg_term = outer_in_layout(u * -grad_sigma, v, ctx.shape, ctx.dim)
-        if grad_w is None:
-            return -neg_term, None, None, None, None, None
-        return grad_w - neg_term, None, None, None, None, None
+        if grad_w is None:  # the view unused (an op read the raw weight): the sigma term alone
+            return outer_in_layout(u * grad_sigma, v, ctx.shape, ctx.dim), None, None, None, None, None
+        # grad_w is the op's, not ours to modify in place: a new tensor (a subtraction when traced)
+        return add_outer(grad_w, u * grad_sigma, v, ctx.dim, alpha=1.0, in_place=False), None, None, None, None, None
 
 
 def weight_and_sigma(w: Tensor, u: Tensor, v: Tensor, norm: Tensor, eps: float, dim: int = 0) -> tuple[Tensor, Tensor]:
