@@ -263,6 +263,60 @@ def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Para
     )
 
 
+def test_estimate_of_a_cuda_weight_runs_with_autocast_off():
+    # CUDA autocast runs mv in fp16/bf16: the backend wraps a CUDA weight's power iteration in an
+    # autocast-off region (CPU autocast leaves mv alone: no region). Checked on dynamo's real graph
+    # with the weight's recorded example value swapped for a fake CUDA tensor (no GPU needed).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fx_spectral.graph.compiled import Slot, _rewritten
+
+    dynamo_graphs = []
+
+    def keep(gm, example_inputs):
+        dynamo_graphs.append(gm)
+        return gm.forward
+
+    torch.compile(_One(), backend=keep)(torch.randn(2, 4))
+    (gm,) = dynamo_graphs
+    weight = next(n for n in gm.graph.nodes if n.op == "placeholder" and "weight" in n.name)
+    slot = Slot(index=[n for n in gm.graph.nodes if n.op == "placeholder"].index(weight), dim=0, source="fc.weight")
+    cpu_code = _rewritten(gm, [slot], ["fc.weight"], (True,), BackendConfig()).code
+    assert "_enter_autocast" not in cpu_code and "torch.mv" in cpu_code
+    with FakeTensorMode():
+        weight.meta["example_value"] = torch.empty(3, 4, device="cuda")
+    cuda_code = _rewritten(gm, [slot], ["fc.weight"], (True,), BackendConfig()).code
+    lines = cuda_code.splitlines()
+    enter = next(i for i, line in enumerate(lines) if "_enter_autocast('cuda', None, False, None)" in line)
+    leave = next(i for i, line in enumerate(lines) if "_exit_autocast" in line)
+    inside = "\n".join(lines[enter:leave])
+    assert inside.count("torch.mv") == 2 and "weight_and_sigma" in inside
+    assert "linear" not in inside  # the op itself stays under the user's autocast
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_autocast_leaves_the_backend_estimate_in_float32(device):
+    # Same u/v, one training call under bf16 autocast: the backend's updated u/v equal the eager
+    # API's (whose estimate runs with autocast off) to float32 precision; a bf16 mv would be off by ~1e-2.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).to(device)
+    eager = copy.deepcopy(model)
+    fx_spectral.apply_spectral_norm(eager)
+    backend_mod.prepare(model)
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, backend=backend(inner="aot_eager"))
+    x = torch.randn(16, 64, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, ref = compiled(x), eager(x)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)  # the layers themselves run in bf16
+    for key, value in eager.state_dict().items():
+        if key.endswith(("_u", "_v")):
+            assert model.state_dict()[key].dtype == torch.float32
+            torch.testing.assert_close(model.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
 def test_golden_dynamo_graph_eval():
     model = _Two().eval()
     (gm,) = _recorded_graphs(model, torch.randn(2, 4))

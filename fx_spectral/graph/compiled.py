@@ -69,6 +69,7 @@ def _rewritten(
     ``specs`` (operator mode): per slot, the conv's operator (:func:`fx_spectral.nn.conv_operator_spec`)
     or None; a slot with a spec gets one ``operator_weight`` node instead of the matrix-mode nodes.
     """
+    from fx_spectral.graph.emit import autocast_guard
     from fx_spectral.graph.operator import insert_operator_normalization
     from fx_spectral.graph.rewrite import find_weight_uses_nested, rewrite_weight
 
@@ -107,11 +108,19 @@ def _rewritten(
             n_power_iterations=config.n_power_iterations,
             eps=config.eps,
             training=train,
+            # the estimate in float32 under CUDA autocast too (mv autocasts there)
+            autocast_off=autocast_guard(_device_type(w)),
         )
     graph.lint()
     new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new_gm.meta.update(gm.meta)
     return new_gm
+
+
+def _device_type(placeholder: torch.fx.Node) -> str:
+    """The device type of a graph input, from the example value dynamo records ("cpu" when none is)."""
+    value = placeholder.meta.get("example_value", placeholder.meta.get("val"))
+    return value.device.type if isinstance(value, torch.Tensor) else "cpu"
 
 
 def inner_compile(config: BackendConfig, gm: torch.fx.GraphModule, inputs: list, dynamic: bool) -> Callable:

@@ -45,7 +45,7 @@ from fx_spectral.matrices import add_outer, outer_in_layout
 
 __all__ = [
     "NORMALIZED_META", "SCALED_OUTPUT_META", "insert_normalization", "insert_sigma", "insert_nodes",
-    "divides_output", "scale_output", "sigma_of", "weight_and_sigma",
+    "autocast_guard", "divides_output", "scale_output", "sigma_of", "weight_and_sigma",
 ]
 
 aten = torch.ops.aten
@@ -411,6 +411,23 @@ def _prologue(graph, weight, dim, n_power_iterations, use_aten, weight_dtype, we
     ndim = ndim if weight_ndim is None else weight_ndim
     compute = P.compute_dtype(dtype)  # float32 for fp16/bf16/fp32 (and unknown) weights, float64 for float64
     return use_aten, dtype, ndim, compute
+
+
+def autocast_guard(device_type: str) -> str | None:
+    """The ``autocast_off`` for a weight on ``device_type``: the device type, or None where no guard is needed.
+
+    CPU autocast leaves ``mv`` / ``dot`` / ``vector_norm`` in float32, so CPU graphs carry no guard;
+    on CUDA (and other autocast devices) ``mv`` would run in fp16 / bf16, so the estimate's nodes
+    get an autocast-off region.
+
+    Example::
+
+        >>> autocast_guard("cpu") is None, autocast_guard("cuda")
+        (True, 'cuda')
+    """
+    if device_type == "cpu" or not torch.amp.is_autocast_available(device_type):
+        return None
+    return device_type
 
 
 class _autocast_region:

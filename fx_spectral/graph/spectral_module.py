@@ -27,6 +27,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph_module import _forward_from_src
 
 from fx_spectral.graph.config import TransformConfig
+from fx_spectral.graph.emit import autocast_guard
 from fx_spectral.graph.operator import conv_module_input, insert_operator_normalization
 from fx_spectral.graph.rewrite import find_weight_uses, rewrite_weight
 
@@ -247,7 +248,7 @@ def rewrite_planned(
         rewrite_weight(
             graph, w, [op for op, _ in uses], u, v, dim=info.dim, n_power_iterations=cfg.n_power_iterations,
             eps=cfg.eps, training=training, weight_dtype=weight.dtype, weight_ndim=weight.dim(),
-            autocast_off=_autocast_guard(weight.device.type),
+            autocast_off=autocast_guard(weight.device.type),
         )
     graph.lint()
 
@@ -264,13 +265,6 @@ def _rewrite_operator(root, graph: Graph, w, uses, info: PlannedWeight, cfg: Tra
         where=info.owner or info.target, n_power_iterations=cfg.n_power_iterations, eps=cfg.eps, training=training,
     )
     op.replace_input_with(w, new)
-
-
-def _autocast_guard(device_type: str) -> str | None:
-    # CPU autocast leaves mv/dot alone; elsewhere (CUDA) the estimate runs with autocast off.
-    if device_type == "cpu" or not torch.amp.is_autocast_available(device_type):
-        return None
-    return device_type
 
 
 def install_owners(out: GraphModule, root: nn.Module, plan: tuple[PlannedWeight, ...]) -> None:
