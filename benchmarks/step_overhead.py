@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import os
 
-# First-call (compile) times must not be served from a warm on-disk cache.
+# First-call (compile) times must not be served from a warm on-disk cache (and see _cold_cache).
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import copy  # noqa: E402
 import datetime  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -321,6 +324,20 @@ class Result:
         return self.median_ms if name == "median" else self.min_ms
 
 
+def _cold_cache(root: str | None) -> contextlib.AbstractContextManager:
+    """A fresh, empty inductor cache for one variant's first call (under ``root``), or nothing if ``root`` is None.
+
+    ``TORCHINDUCTOR_FORCE_DISABLE_CACHES`` alone still lets a variant reuse the C++ kernels an
+    earlier variant compiled (kept in memory, and on disk by their source's hash): a spectral
+    variant would then be timed without compiling the kernels it shares with plain inductor.
+    """
+    if root is None:
+        return contextlib.nullcontext()
+    from torch._inductor.utils import fresh_cache
+
+    return fresh_cache(dir=root, delete=False)  # the compiled kernels stay loadable; root goes at the end
+
+
 def bench_case(
     case: Case,
     variants: dict[str, Callable],
@@ -330,6 +347,7 @@ def bench_case(
     clock: Callable[[], float] = time.perf_counter,
     device: str = "cpu",
     autocast: str = "none",
+    cache_root: str | None = None,
 ) -> dict[str, Result]:
     torch.manual_seed(0)
     base = case.make_model().to(device)
@@ -341,8 +359,9 @@ def bench_case(
         step = make_step(model, builder(model), case, device, autocast)
         synchronize(device)
         t0 = time.perf_counter()
-        step()  # first call: compiles for compiled variants
-        synchronize(device)
+        with _cold_cache(cache_root if any(m in name for m in COMPILED_MARKERS) else None):
+            step()  # first call: compiles for compiled variants, each with an empty cache
+            synchronize(device)
         first = time.perf_counter() - t0
         for _ in range(warmup):
             step()
@@ -544,14 +563,19 @@ def main(argv: list[str] | None = None) -> None:
     load_before = _load()
     print(machine_info(args.device, args.autocast), load_before, flush=True)
     all_results: dict[str, dict[str, Result]] = {}
-    for key in args.models:
-        print(f"{CASES[key].title}:", flush=True)
-        all_results[key] = res = bench_case(
-            CASES[key], variants, args.rounds, args.warmup, args.round_seconds, clock, args.device, args.autocast
-        )
-        for name, r in res.items():
-            spread = f"{min(r.per_round_ms):.3g}-{max(r.per_round_ms):.3g}"
-            print(f"  {name:<28} median {r.median_ms:8.3f} ms  (range {spread})", flush=True)
+    cache_root = tempfile.mkdtemp(prefix="step_overhead_inductor_")
+    try:
+        for key in args.models:
+            print(f"{CASES[key].title}:", flush=True)
+            all_results[key] = res = bench_case(
+                CASES[key], variants, args.rounds, args.warmup, args.round_seconds, clock, args.device, args.autocast,
+                cache_root,
+            )
+            for name, r in res.items():
+                spread = f"{min(r.per_round_ms):.3g}-{max(r.per_round_ms):.3g}"
+                print(f"  {name:<28} median {r.median_ms:8.3f} ms  (range {spread})", flush=True)
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
     table = markdown(
         all_results, args.rounds, args.stat, f"{load_before} before, {_load()[13:]} after", args.clock, args.device,
         args.autocast,

@@ -77,3 +77,25 @@ def test_cuda_without_a_gpu_fails_clearly(bench, capsys):
         bench.main(["--device", "cuda", "--quick"])
     assert exc.value.code == 2
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_each_compiled_first_call_compiles_its_kernels_cold(bench, tmp_path):
+    """_cold_cache: a compile inside it writes its C++ kernel into a fresh directory under the root,
+    so the same kernel compiled again in a second cold cache is compiled again, not reused."""
+    import torch._dynamo
+
+    x = torch.randn(8)
+    kernels = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        before = set(tmp_path.rglob("*.so"))
+        with bench._cold_cache(str(tmp_path)):
+            assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
+            torch.testing.assert_close(torch.compile(lambda t: (t * 3).sin())(x), (x * 3).sin())
+        kernels.append(set(tmp_path.rglob("*.so")) - before)
+    assert kernels[0] and kernels[1] and not kernels[0] & kernels[1]
+    # the same kernel built again (the first cold cache also built inductor's shared helpers)
+    assert {p.name for p in kernels[1]} <= {p.name for p in kernels[0]}
+    torch._dynamo.reset()
+    with bench._cold_cache(None):  # eager variants: nothing changes
+        assert not os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").startswith(str(tmp_path))
