@@ -273,7 +273,7 @@ class _Polynomial(Method):
         return self.matmul_dtype
 
 
-@register("hard_cap", kind="full_spectrum", options=("exact",))
+@register("hard_cap", kind="full_spectrum", options=("exact", "mode"))
 @dataclass(frozen=True, kw_only=True)
 class HardCap(_Polynomial):
     """Every singular value capped at w_max: the paper's polynomial (peak 1.0109·w_max) or exact.

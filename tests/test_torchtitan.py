@@ -171,6 +171,28 @@ def test_spectral_config_validates():
         "n_iter": 1,
         "wd": 0.3,
     }
+    with pytest.raises(ValueError, match="spectral.cap_mode: only for method hard_cap, got method 'soft_cap'"):
+        T.SpectralConfig(method="soft_cap", cap_mode="msign")
+    with pytest.raises(ValueError, match="spectral.cap_mode: expected eigh, polynomial or msign, got 'svd'"):
+        T.SpectralConfig(cap_mode="svd")
+
+
+@pytest.mark.parametrize(
+    "cap_mode, exact, options",
+    [
+        (None, True, {"exact": True, "mode": None}),
+        (None, False, {"exact": False, "mode": None}),
+        ("msign", True, {"exact": False, "mode": "msign"}),  # cap_mode overrides exact
+        ("polynomial", True, {"exact": False, "mode": "polynomial"}),
+        ("eigh", False, {"exact": True, "mode": "eigh"}),
+    ],
+)
+def test_cap_mode_picks_how_hard_cap_computes_the_cap(cap_mode, exact, options):
+    from fx_spectral.methods import HardCap
+
+    section = T.SpectralConfig(cap_mode=cap_mode, exact=exact)
+    assert section.method_options() == options
+    HardCap(**options)  # accepted as is
 
 
 def test_config_registry_via_module_and_cli_overrides():
@@ -200,6 +222,12 @@ def test_config_registry_via_module_and_cli_overrides():
 
     sdpa = T.qwen3_debugmodel_spectral_sdpa().model_spec.model
     assert all(isinstance(layer.attention.inner_attention, ScaledDotProductAttention.Config) for layer in sdpa.layers)
+    msign = ConfigManager().parse_args(
+        ["--module", "fx_spectral.integrations.torchtitan", "--config", "qwen3_debugmodel_spectral",
+         "--spectral.cap_mode", "msign"]
+    )  # fmt: skip
+    assert msign.spectral.cap_mode == "msign"
+    assert msign.spectral.method_options() == {"exact": False, "mode": "msign"}
 
 
 def test_fused_qkv_split_matches_torchtitan_unfused_layout():

@@ -14,8 +14,8 @@ __all__ = ["SpectralConfig", "METHOD_NAMES"]
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  (built at import: every registered name)
 
-#: A method option whose section field has another name (the rest are spelt alike).
-_SECTION_FIELD = {"wd": "spectral_wd"}
+#: How hard_cap computes the cap (fx_spectral.methods.HardCap's ``mode``): a choice flag.
+CapMode = Literal["eigh", "polynomial", "msign"]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -28,7 +28,7 @@ class SpectralConfig:
     ``attention.wo``, ``mlp`` = ``feed_forward.w1/w2/w3``. A role's ``w_max_*`` of ``None`` uses
     ``w_max``. Embeddings and the output head are left alone unless ``w_max_lm_head`` is set.
 
-    Which methods keep the promise: ``hard_cap`` with ``exact=True`` (the default),
+    Which methods keep the promise: ``hard_cap`` with ``exact=True`` (the default) or ``cap_mode="msign"``,
     ``pure_svd`` and ``orthogonalize`` with ``exact=True`` leave every singular value ≤ the cap
     after every step, whatever the step size (to float32 rounding). ``hard_cap`` without ``exact``
     peaks at 1.0109 × the cap (its polynomial); ``spectral_normalize`` / ``spectral_hammer`` /
@@ -41,6 +41,7 @@ class SpectralConfig:
         --spectral.method soft_cap --spectral.w_max 1.0 --spectral.max_update_norm 0.05
         --spectral.no-enable          # off
         --spectral.log-exact          # exact sigma in the spectral/* metrics
+        --spectral.cap_mode msign     # the exact hard cap from matrix products (GPUs)
     """
 
     enable: bool = True
@@ -84,6 +85,11 @@ class SpectralConfig:
     """hard_cap / orthogonalize: exact (an eigendecomposition of the smaller Gram matrix) instead of the
     polynomial iteration (``--spectral.no-exact``: matrix products only, hard cap peak 1.0109 × w_max)."""
 
+    cap_mode: CapMode | None = None
+    """hard_cap only, overrides ``exact``: ``eigh`` (exact, an eigendecomposition), ``polynomial`` (the
+    paper's, peak 1.0109 × w_max) or ``msign`` (exact to float32 rounding from matrix products only,
+    no eigendecomposition: the accelerator choice). None: ``eigh`` if ``exact``, else ``polynomial``."""
+
     split_fused_qkv: bool = True
     """Constrain the Q, K and V blocks of a fused wqkv separately (per KV group), not as one matrix."""
 
@@ -119,6 +125,11 @@ class SpectralConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"spectral.{name}: expected a number >= 0 or None, got {value!r}")
+        if self.cap_mode is not None:
+            if self.cap_mode not in ("eigh", "polynomial", "msign"):
+                raise ValueError(f"spectral.cap_mode: expected eigh, polynomial or msign, got {self.cap_mode!r}")
+            if self.method != "hard_cap":
+                raise ValueError(f"spectral.cap_mode: only for method hard_cap, got method {self.method!r}")
         if not isinstance(self.n_iter, int) or self.n_iter < 1:
             raise ValueError(f"spectral.n_iter: expected an int >= 1, got {self.n_iter!r}")
         for name in ("log_interval", "timing_interval"):
@@ -133,5 +144,12 @@ class SpectralConfig:
     def method_options(self) -> dict:
         """The keyword options :func:`fx_spectral.constrain` takes for ``method``: the section fields
         its registration lists (``options=`` of :func:`fx_spectral.methods.register`; e.g. the
-        rank-one methods take ``n_iter`` but not ``exact``, which is for the caps)."""
-        return {o: getattr(self, _SECTION_FIELD.get(o, o)) for o in registration(METHODS[self.method]).options}
+        rank-one methods take ``n_iter`` but not ``exact``, which is for the caps). Spelt
+        differently here: ``wd`` is ``spectral_wd``, hard_cap's ``mode`` is ``cap_mode`` (which then
+        decides ``exact`` too)."""
+        renamed = {
+            "wd": self.spectral_wd,
+            "mode": self.cap_mode,
+            "exact": self.exact if self.cap_mode is None else self.cap_mode == "eigh",
+        }
+        return {o: renamed[o] if o in renamed else getattr(self, o) for o in registration(METHODS[self.method]).options}

@@ -86,7 +86,10 @@ class SpectralTrainer(Trainer):
         self.spectral = run
         if run is not None:
             n = sum(len(h.names) for h in run.handles)
-            logger.info(f"fx_spectral: {run.config.method} on {n} weight matrices after every optimizer step")
+            options = ", ".join(f"{k}={v!r}" for k, v in run.config.method_options().items())
+            logger.info(
+                f"fx_spectral: {run.config.method}({options}) on {n} weight matrices after every optimizer step"
+            )
 
     def _wrap_metrics(self) -> None:
         processor = self.metrics_processor
