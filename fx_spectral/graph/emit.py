@@ -1,4 +1,4 @@
-r"""The emitter: insert the nodes that turn a weight node into ``W / sigma`` (or divide an op\'s output).
+r"""The emitter: insert the nodes that turn a weight node into ``W / sigma`` (or give sigma alone).
 
 Shared by :func:`fx_spectral.transform` (weights as ``get_attr``) and the torch.compile backend
 (weights as placeholders). The emitted nodes are plain torch ops that follow
@@ -18,15 +18,7 @@ from :func:`sigma_of`, without a third matrix-vector product; ATen graphs emit `
 The power iteration runs on ``W_mat.detach()`` (the graph form of ``torch.no_grad``), so the
 gradient flows through ``W`` in ``sigma`` only.
 
-Weight or output. ``op(x, W/σ) + b`` and ``op(x, W)/σ + b`` are the same function (equal up to
-rounding; autograd through ``z/σ`` with ``σ = uᵀ W v`` gives the same gradient, sigma term
-included). Dividing the weight costs W-sized passes (``W/σ`` in forward; its gradient's reduction
-and rescaling in backward), dividing the output costs output-sized ones (``z/σ + b``; ``⟨G, z⟩``
-and ``G/σ`` in backward) plus one W-sized pass for the rank-one sigma term. :func:`rewrite_weight`
-chooses per op from the shapes recorded in the graph (:func:`divides_output`: output in float32 /
-float64, the weight's dtype, and ``5·numel(out) < 4·numel(W)``, the eager API's rule: an MLP at
-small batch, the wide late layers of a conv net); where the shapes are unknown (a plain
-``symbolic_trace``) or symbolic, the weight is divided, which equals the eager API bitwise.
+Dividing an op's output instead of the weight: :mod:`fx_spectral.graph.output_scaling`.
 """
 
 from __future__ import annotations
@@ -40,20 +32,18 @@ from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch.fx import Graph, Node
 
 from fx_spectral import power as P
-from fx_spectral.kinds import is_aten_op, weight_arg, weight_op
+from fx_spectral.kinds import is_aten_op
 from fx_spectral.matrices import add_outer, outer_in_layout
 
 __all__ = [
-    "NORMALIZED_META", "SCALED_OUTPUT_META", "insert_normalization", "insert_sigma", "insert_nodes",
-    "autocast_guard", "divides_output", "scale_output", "sigma_of", "weight_and_sigma",
+    "NORMALIZED_META", "Emitter", "insert_normalization", "insert_sigma", "insert_nodes", "autocast_guard",
+    "resolve_attr", "sigma_of", "weight_and_sigma",
 ]
 
 aten = torch.ops.aten
 
 #: ``node.meta`` key on the node of ``W / sigma``: the name of the raw weight node.
 NORMALIZED_META = "fx_spectral_normalized"
-#: ``node.meta`` key on the node of ``op(x, W) / sigma (+ b)``: the name of the raw weight node.
-SCALED_OUTPUT_META = "fx_spectral_scaled_output"
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,7 +51,7 @@ SCALED_OUTPUT_META = "fx_spectral_scaled_output"
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_attr(graph: Graph, target: str) -> object:
+def resolve_attr(graph: Graph, target: str) -> object:
     root = graph.owning_module
     if root is None:
         return None
@@ -81,7 +71,7 @@ def _weight_info(node: Node) -> tuple[torch.dtype | None, int | None]:
     if tm is not None and hasattr(tm, "dtype"):
         return tm.dtype, len(tm.shape)
     if node.op == "get_attr":
-        val = _resolve_attr(node.graph, node.target)
+        val = resolve_attr(node.graph, node.target)
         if isinstance(val, torch.Tensor):
             if isinstance(val, nn.parameter.UninitializedTensorMixin):
                 return val.dtype, None
@@ -94,7 +84,7 @@ def _weight_info(node: Node) -> tuple[torch.dtype | None, int | None]:
 # --------------------------------------------------------------------------------------------
 
 
-class _Emitter:
+class Emitter:
     """Creates named nodes at the current insert point, as torch-level ops or as ATen overloads."""
 
     def __init__(self, graph: Graph, prefix: str, use_aten: bool):
@@ -390,7 +380,7 @@ def insert_nodes(graph, weight, u, v, fn, divide, *, dim, n_power_iterations, ep
     )
     if dim < 0 and ndim is not None:
         dim %= ndim
-    e = _Emitter(graph, weight.name, use_aten)
+    e = Emitter(graph, weight.name, use_aten)
     with graph.inserting_before(_insert_point(graph, [weight, u, v], weight)):
         with _autocast_region(e, autocast_off):
             w32, sigma = _emit_sigma(e, weight, u, v, dim, n_power_iterations, eps, training, dtype, ndim, compute)
@@ -433,7 +423,7 @@ def autocast_guard(device_type: str) -> str | None:
 class _autocast_region:
     """A ``with`` block emitting ``_enter_autocast(device, None, False, None)`` / ``_exit_autocast`` (or nothing)."""
 
-    def __init__(self, e: _Emitter, device: str | None):
+    def __init__(self, e: Emitter, device: str | None):
         self.e, self.device = e, device
 
     def __enter__(self):
@@ -447,7 +437,7 @@ class _autocast_region:
         return False
 
 
-def _emit_sigma(e: _Emitter, weight, u, v, dim, n_power_iterations, eps, training, dtype, ndim, compute):
+def _emit_sigma(e: Emitter, weight, u, v, dim, n_power_iterations, eps, training, dtype, ndim, compute):
     """Emit the power iteration and sigma at the current insert point; returns ``(W in compute dtype, sigma)``."""
     # W in the compute dtype, viewed as a matrix
     w32 = weight if dtype == compute else e.to_float(weight, "f32")
@@ -490,7 +480,7 @@ def _emit_sigma(e: _Emitter, weight, u, v, dim, n_power_iterations, eps, trainin
     return w32, sigma
 
 
-def _emit_division(e: _Emitter, weight, w32, sigma, dtype, compute) -> Node:
+def _emit_division(e: Emitter, weight, w32, sigma, dtype, compute) -> Node:
     """Emit ``W / sigma`` back in the weight's dtype, tagged with :data:`NORMALIZED_META`.
 
     ``w32`` is the weight in the compute dtype (``weight`` itself when that is its dtype), or the
@@ -504,127 +494,4 @@ def _emit_division(e: _Emitter, weight, w32, sigma, dtype, compute) -> Node:
         out = e.type_as(e.div(w32, sigma, "normalized_f32"), weight, "normalized")
     # Tag the result with the raw weight's name (bake() folds the subgraph back into the weight).
     out.meta[NORMALIZED_META] = weight.name
-    return out
-
-
-def _meta_tensor(node: object) -> tuple[tuple, torch.dtype] | None:
-    """``(shape, dtype)`` of a node's tensor value from its meta (dynamo, export, ShapeProp); None if unknown."""
-    if not isinstance(node, Node):
-        return None
-    for key in ("val", "example_value"):
-        val = node.meta.get(key)
-        if isinstance(val, torch.Tensor):
-            return tuple(val.shape), val.dtype
-    tm = node.meta.get("tensor_meta")
-    if tm is not None and hasattr(tm, "dtype") and hasattr(tm, "shape"):
-        return tuple(tm.shape), tm.dtype
-    if node.op == "get_attr":
-        val = _resolve_attr(node.graph, node.target)
-        if isinstance(val, torch.Tensor) and not isinstance(val, nn.parameter.UninitializedTensorMixin):
-            return tuple(val.shape), val.dtype
-    return None
-
-
-def _numel(shape: tuple) -> int | None:
-    n = 1
-    for d in shape:
-        if not isinstance(d, int):  # a SymInt: sizes are dynamic, no static choice
-            return None
-        n *= d
-    return n
-
-
-def divides_output(op: Node, weight: Node) -> bool:
-    r"""Whether :func:`rewrite_weight` divides the output of ``op`` by sigma rather than ``weight``.
-
-    ``op(x, W)/\sigma + b`` instead of ``op(x, W/\sigma) + b`` (the same function; equal up to
-    rounding) when it moves less memory: the output and the weight have static shapes recorded in
-    the graph (``val`` / ``example_value`` / ``tensor_meta`` meta, or a resolvable ``get_attr``
-    weight), the same dtype, float32 or float64 (so ``op(x, W)`` and sigma share the compute
-    dtype: no casts, no autocast), and
-
-    .. math:: 5 \cdot \mathrm{numel}(op(x, W)) < 4 \cdot \mathrm{numel}(W)
-
-    the rule of the eager API (``fx_spectral.nn``): dividing the weight costs ~5 W-sized passes per
-    training step (``W/\sigma``, the reduction and the rescaling of its gradient), dividing the
-    output ~4 output-sized ones (``z/\sigma + b``, ``\langle G, z\rangle``, ``G/\sigma``) plus the
-    W-sized rank-one sigma term. False when anything is unknown: the weight is then divided.
-
-    Example::
-
-        >>> # F.linear on x (8, 512) with W (512, 512): 5·4096 < 4·262144
-        >>> divides_output(linear_node, weight_node)  # doctest: +SKIP
-        True
-    """
-    if weight_op(op) is None or weight_arg(op) is not weight:
-        return False
-    out, w = _meta_tensor(op), _meta_tensor(weight)
-    if out is None or w is None:
-        return False
-    (out_shape, out_dtype), (w_shape, w_dtype) = out, w
-    out_numel, w_numel = _numel(out_shape), _numel(w_shape)
-    if out_numel is None or w_numel is None:
-        return False
-    return out_dtype == w_dtype and w_dtype in (torch.float32, torch.float64) and 5 * out_numel < 4 * w_numel
-
-
-def _weight_for_op(sigma: Node, weight: object) -> Node | None:
-    """The ``weight_and_sigma(...)[0]`` node paired with ``sigma = weight_and_sigma(weight, ...)[1]``, if any."""
-    if not (isinstance(sigma, Node) and sigma.target is operator.getitem and sigma.args[1] == 1):
-        return None
-    pair = sigma.args[0]
-    if not (isinstance(pair, Node) and pair.target is weight_and_sigma and pair.args[0] is weight):
-        return None
-    return next((n for n in pair.users if n.target is operator.getitem and n.args[1] == 0), None)
-
-
-def scale_output(graph: Graph, op: Node, sigma: Node, *, use_aten: bool | None = None) -> Node:
-    r"""Rewrite ``y = op(x, W, b)`` into ``y = op(x, W) / sigma + b``; return the node of the new ``y``.
-
-    ``op`` is a linear / conv / conv_transpose node (:data:`fx_spectral.graph.ops.WEIGHT_OPS`); its
-    bias argument becomes None and the bias is added after the division (viewed as
-    ``(C, 1, ..., 1)`` for a convolution). Every other user of ``op`` reads the new node. Autograd
-    through ``op(x, W)/\sigma`` with ``sigma`` computed with gradient through ``W`` gives the
-    gradient of ``op(x, W/\sigma)``, sigma term included. The output must be in sigma's dtype
-    (check with :func:`divides_output`). NB: edits ``graph`` in place; the nodes are tagged
-    :data:`SCALED_OUTPUT_META` with the weight's name.
-
-    Example::
-
-        >>> sigma = insert_sigma(graph, w, u, v, dim=0, n_power_iterations=1, eps=1e-12, training=True)
-        >>> y = scale_output(graph, linear_node, sigma)  # doctest: +SKIP
-    """
-    spec = weight_op(op)
-    if spec is None:
-        raise ValueError(f"scale_output: {op.format_node()} is not a linear / conv / conv_transpose op")
-    weight = weight_arg(op)
-    if use_aten is None:
-        use_aten = is_aten_op(op.target)
-    bias = None
-    if len(op.args) > 2:
-        bias = op.args[2]
-        op.args = (*op.args[:2], None, *op.args[3:])
-    elif "bias" in op.kwargs:
-        bias = op.kwargs["bias"]
-        op.kwargs = {**op.kwargs, "bias": None}
-    e = _Emitter(graph, op.name, use_aten)
-    users = list(op.users)
-    name = weight.name if isinstance(weight, Node) else str(weight)
-    alias = _weight_for_op(sigma, weight)
-    if alias is not None:
-        # the op reads weight_and_sigma's view of W: W's gradient is then one sum (op + sigma term)
-        op.replace_input_with(weight, alias)
-    with graph.inserting_before(op.next):  # the new nodes in order, right after op
-        out = e.div(op, sigma, "over_sigma")
-        out.meta[SCALED_OUTPUT_META] = name
-        if isinstance(bias, Node):
-            if spec.kind != "linear":
-                info = _meta_tensor(weight)
-                if info is None:
-                    raise ValueError(f"scale_output: the number of dims of the weight of {op.name} is unknown")
-                bias = e.view(bias, (-1, *[1] * (len(info[0]) - 2)), "bias_view")
-            out = e.add(out, bias, "biased")
-            out.meta[SCALED_OUTPUT_META] = name
-    for user in users:
-        user.replace_input_with(op, out)
     return out

@@ -17,16 +17,8 @@ import torch
 from torch import nn
 from torch.fx import Graph, Node
 
-from fx_spectral.graph.emit import (
-    NORMALIZED_META,
-    SCALED_OUTPUT_META,
-    divides_output,
-    insert_nodes,
-    insert_normalization,
-    insert_sigma,
-    scale_output,
-    sigma_of,
-)
+from fx_spectral.graph.emit import NORMALIZED_META, insert_nodes, insert_normalization, insert_sigma, sigma_of
+from fx_spectral.graph.output_scaling import SCALED_OUTPUT_META, divides_output, scale_output
 from fx_spectral.kinds import WEIGHT_OPS, is_aten_op, stock_kind, weight_arg, weight_dim, weight_op
 
 __all__ = [
