@@ -59,7 +59,6 @@ from fx_spectral.kinds import (
 # importable from fx_spectral.nn (the graph pass, tests and old pickles use several private ones).
 from fx_spectral.sn_autograd import (  # noqa: F401
     _CONV_T_FN,
-    _add_outer_,
     _compute_dtype,
     _conv_forward,
     _conv_out_numel,

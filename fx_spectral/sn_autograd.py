@@ -383,12 +383,6 @@ class _OpOverSigma(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def _add_outer_(t: Tensor, a: Tensor, b: Tensor, dim: int, alpha: float = 1.0) -> None:
-    """NB: in place: ``weight_matrix(t, dim) += alpha * outer(a, b)`` (:func:`fx_spectral.matrices.add_outer`)."""
-    add_outer(t, a, b, dim, alpha=alpha, in_place=True)
-
-
-
 # The names sn_operator and sn_modules use (public: no module reaches into another's private
 # members). The underscore spellings stay the ones this file calls and nn re-exports; tests patch those.
 SNParam = _SNParam

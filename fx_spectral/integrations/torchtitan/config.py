@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fx_spectral.methods import METHODS, registration
+from fx_spectral.projections import HARD_CAP_MODES
 
 __all__ = ["SpectralConfig", "METHOD_NAMES"]
 
@@ -14,8 +15,10 @@ __all__ = ["SpectralConfig", "METHOD_NAMES"]
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]  (built at import: every registered name)
 
-#: How hard_cap computes the cap (fx_spectral.methods.HardCap's ``mode``): a choice flag.
-CapMode = Literal["eigh", "polynomial", "msign"]
+#: How hard_cap computes the cap (fx_spectral.methods.HardCap's ``mode``), from the one list of modes:
+#: a choice flag.
+CAP_MODES: tuple[str, ...] = tuple(m for m in HARD_CAP_MODES if m is not None)
+CapMode = Literal[CAP_MODES]  # type: ignore[valid-type]
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -126,7 +129,7 @@ class SpectralConfig:
             if value is not None and not value >= 0:
                 raise ValueError(f"spectral.{name}: expected a number >= 0 or None, got {value!r}")
         if self.cap_mode is not None:
-            if self.cap_mode not in ("eigh", "polynomial", "msign"):
+            if self.cap_mode not in CAP_MODES:
                 raise ValueError(f"spectral.cap_mode: expected eigh, polynomial or msign, got {self.cap_mode!r}")
             if self.method != "hard_cap":
                 raise ValueError(f"spectral.cap_mode: only for method hard_cap, got method {self.method!r}")
